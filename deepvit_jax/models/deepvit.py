@@ -1,0 +1,451 @@
+"""DeepViT and its plain-ViT baseline in Flax NNX: every module in one file.
+
+DeepViT ("DeepViT: Towards Deeper Vision Transformer", Zhou et al., ICCV 2021) replaces
+self-attention by *Re-attention* in some or all blocks: the H per-head softmax maps are mixed
+with a learned H x H matrix Theta and normalised before they weigh the values::
+
+    A  = softmax(q k^T / sqrt(d))                        (B, H, N, N)
+    A' = Norm( einsum('oh,bhij->boij', Theta, A) + b )   mixing along the head axis
+    out = A' v
+
+The official release implements Theta as a 1x1 Conv2d(H, H) with bias and Norm as a
+BatchNorm2d(H) over the head channel. The same modules also host vit-pytorch's DeepViT
+(LayerNorm over the head axis, Theta without bias, LN->Linear->LN patch embedding, ...)
+through fields of :class:`ModelConfig`.
+
+Layout conventions (the converter relies on them): images are NHWC; Dense kernels are
+(in, out); conv kernels are (kh, kw, in, out); the mixing matrix ``reattn_weight`` is stored
+as W[out_head, in_head], i.e. the official conv weight with its 1x1 spatial dims dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a DeepViT/ViT network. Serialisable with `to_dict`."""
+
+    name: str = "custom"
+    image_size: int = 224
+    patch_size: int = 16
+    num_classes: int = 1000
+    embed_dim: int = 384
+    depth: int = 16
+    num_heads: int = 12
+    head_dim: int | None = None  # None: embed_dim // num_heads (official); free in vit-pytorch
+    mlp_dim: int | None = None  # None: 3 * embed_dim (the official MLP ratio)
+    qkv_bias: bool = True
+    # Re-attention: 0-based indices of the blocks that use it; the others are plain.
+    reattn_blocks: tuple[int, ...] = ()
+    reattn_bias: bool = True  # bias of Theta (official: yes; vit-pytorch: no)
+    reattn_norm: Literal["batchnorm", "layernorm"] = "batchnorm"
+    reattn_norm_eps: float = 1e-5
+    transform_scale: bool = False  # multiply the re-attention map by head_dim**-0.5
+    adjust_ratio: float = 1.0  # x + attn(LN(r x)) / r, applied to every block
+    # Patch embedding: 'conv' = Conv 16x16/16; 'cnn_stem' = 3-conv stem with BatchNorm;
+    # 'linear' = vit-pytorch's rearrange -> LN -> Linear -> LN.
+    patch_embed: Literal["conv", "cnn_stem", "linear"] = "conv"
+    stem_channels: int = 64
+    pool: Literal["cls", "mean"] = "cls"
+    # Final LayerNorm over all tokens before pooling (official) or on the pooled vector
+    # (vit-pytorch's mlp_head = LN -> Linear).
+    head_norm: Literal["before_pool", "after_pool"] = "before_pool"
+    ln_eps: float = 1e-6
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.9  # Flax convention: new = m * old + (1 - m) * batch
+    drop_rate: float = 0.0  # after the position embedding, in the MLP and after proj
+    attn_drop_rate: float = 0.0  # on the softmax map, before the head mixing
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the blocks
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: bool = False  # rematerialise each block in the backward pass
+    # Evaluation preprocessing (used by predict and the data pipeline).
+    crop_pct: float = 0.9
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        # Normalise list-like fields so configs compare equal and round-trip through JSON.
+        object.__setattr__(self, "reattn_blocks", tuple(int(i) for i in self.reattn_blocks))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        self.validate()
+
+    # -- derived --
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else 3 * self.embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2 + 1
+
+    def validate(self) -> None:
+        def bad(field, msg):
+            raise ValueError(f"ModelConfig.{field}: {msg}")
+
+        choices = {
+            "reattn_norm": ("batchnorm", "layernorm"),
+            "patch_embed": ("conv", "cnn_stem", "linear"),
+            "pool": ("cls", "mean"),
+            "head_norm": ("before_pool", "after_pool"),
+            "dtype": ("float32", "bfloat16", "float16"),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                bad(field, f"{getattr(self, field)!r} is not one of {allowed}")
+        for field in ("image_size", "patch_size", "num_classes", "embed_dim", "depth",
+                      "num_heads"):
+            if int(getattr(self, field)) <= 0:
+                bad(field, f"must be positive, got {getattr(self, field)}")
+        if self.image_size % self.patch_size:
+            bad("image_size", f"{self.image_size} is not divisible by patch_size "
+                f"{self.patch_size}; allowed sizes are multiples of {self.patch_size}")
+        if self.patch_embed == "cnn_stem" and self.patch_size != 16:
+            bad("patch_size", "the CNN stem (stride 2 x conv 8/8) only makes 16-px patches")
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            bad("embed_dim", f"{self.embed_dim} is not divisible by num_heads "
+                f"{self.num_heads}; set head_dim explicitly")
+        bad_blocks = [i for i in self.reattn_blocks if not 0 <= i < self.depth]
+        if bad_blocks:
+            bad("reattn_blocks", f"indices {bad_blocks} outside 0..{self.depth - 1}")
+        for field in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                bad(field, f"must be in [0, 1), got {getattr(self, field)}")
+        if self.adjust_ratio <= 0:
+            bad("adjust_ratio", f"must be positive, got {self.adjust_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; allowed: "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}")
+        return cls(**d)
+
+    def replace(self, **overrides) -> "ModelConfig":
+        allowed = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(allowed)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# --------------------------------------------------------------------------------------
+# Initialisers (as the official PyTorch code)
+# --------------------------------------------------------------------------------------
+
+# timm's trunc_normal_(std=.02) truncates at +-2 in absolute units, i.e. at 100 sigma:
+# effectively an untruncated normal.
+dense_init = nnx.initializers.normal(0.02)
+# PyTorch's default Conv2d init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
+torch_conv_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=F32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _linear(din, dout, cfg: ModelConfig, rngs, use_bias=True):
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=dense_init,
+                      bias_init=nnx.initializers.zeros, dtype=cfg.dtype, rngs=rngs)
+
+
+def _conv(din, dout, k, stride, padding, cfg, rngs, use_bias):
+    return nnx.Conv(din, dout, (k, k), strides=stride, padding=padding, use_bias=use_bias,
+                    kernel_init=torch_conv_kernel_init,
+                    bias_init=torch_bias_init(din * k * k), dtype=cfg.dtype, rngs=rngs)
+
+
+# --------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over one feature axis with PyTorch's exact semantics.
+
+    Written by hand rather than using ``nnx.BatchNorm`` because PyTorch moves ``running_var``
+    with the *unbiased* batch variance (n / (n - 1)) while Flax uses the biased one; a
+    converted official model must keep updating its statistics as the original does.
+    Statistics are computed in float32. Under ``jax.jit`` with a batch sharded over a mesh,
+    the means are over the global batch.
+    """
+
+    def __init__(self, num_features: int, *, axis: int = -1, epsilon: float = 1e-5,
+                 momentum: float = 0.9, use_running_average: bool = False):
+        self.axis = axis
+        self.epsilon = epsilon
+        self.momentum = momentum
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), F32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), F32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), F32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), F32))
+
+    def __call__(self, x):
+        axis = self.axis % x.ndim
+        reduce = tuple(i for i in range(x.ndim) if i != axis)
+        shape = [1] * x.ndim
+        shape[axis] = x.shape[axis]
+        x32 = x.astype(F32)
+        if self.use_running_average:
+            mean, var = self.mean.value, self.var.value
+        else:
+            mean = jnp.mean(x32, axis=reduce)
+            var = jnp.mean(jnp.square(x32 - mean.reshape(shape)), axis=reduce)
+            n = x.size // x.shape[axis]
+            m = self.momentum
+            self.mean.value = m * self.mean.value + (1 - m) * mean
+            self.var.value = m * self.var.value + (1 - m) * var * (n / max(n - 1, 1))
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale.value
+        y = (x32 - mean.reshape(shape)) * inv.reshape(shape) + self.bias.value.reshape(shape)
+        return y.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Patch embeddings: (B, H, W, 3) -> (B, N, C)
+# --------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nnx.Module):
+    """Conv(3, C, p, stride p) with bias: the plain ViT patch embedding."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        p = cfg.patch_size
+        self.proj = _conv(3, cfg.embed_dim, p, p, "VALID", cfg, rngs, use_bias=True)
+
+    def __call__(self, x):
+        x = self.proj(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class ConvStem(nnx.Module):
+    """DeepViT-S/L stem: conv7x7/2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv8x8/8."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        c = cfg.stem_channels
+        self.conv1 = _conv(3, c, 7, 2, ((3, 3), (3, 3)), cfg, rngs, use_bias=False)
+        self.bn1 = BatchNorm(c, epsilon=cfg.bn_eps, momentum=cfg.bn_momentum)
+        self.conv2 = _conv(c, c, 3, 1, ((1, 1), (1, 1)), cfg, rngs, use_bias=False)
+        self.bn2 = BatchNorm(c, epsilon=cfg.bn_eps, momentum=cfg.bn_momentum)
+        self.proj = _conv(c, cfg.embed_dim, 8, 8, "VALID", cfg, rngs, use_bias=True)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = jax.nn.relu(self.bn2(self.conv2(x)))
+        x = self.proj(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LinearPatchEmbed(nnx.Module):
+    """vit-pytorch: patches flattened as (p1 p2 c) -> LayerNorm -> Linear -> LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.patch_size = cfg.patch_size
+        patch_dim = 3 * cfg.patch_size**2
+        self.norm_in = nnx.LayerNorm(patch_dim, epsilon=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.proj = _linear(patch_dim, cfg.embed_dim, cfg, rngs)
+        self.norm_out = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.ln_eps, dtype=cfg.dtype,
+                                      rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch_size
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c)
+        return self.norm_out(self.proj(self.norm_in(x)))
+
+
+# --------------------------------------------------------------------------------------
+# Attention, MLP, block
+# --------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention, with Re-attention when ``reattention`` is True.
+
+    Returns ``(out, attn)`` where ``attn`` is the (B, H, N, N) map that weighs the values:
+    the softmax map for a plain block, the mixed and normalised map for Re-attention.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, reattention: bool, rngs: nnx.Rngs):
+        self.num_heads = h = cfg.num_heads
+        self.head_dim = hd = cfg.dim_head
+        self.scale = hd**-0.5
+        self.dtype = cfg.dtype
+        self.reattention = reattention
+        self.qkv = _linear(cfg.embed_dim, 3 * h * hd, cfg, rngs, use_bias=cfg.qkv_bias)
+        self.attn_drop = nnx.Dropout(cfg.attn_drop_rate, rngs=rngs)
+        if reattention:
+            # Theta: the official 1x1 Conv2d(H, H) with bias, stored as W[out, in].
+            self.reattn_weight = nnx.Param(torch_conv_kernel_init(rngs.params(), (h, h)))
+            self.reattn_bias = (nnx.Param(torch_bias_init(h)(rngs.params(), (h,)))
+                                if cfg.reattn_bias else None)
+            if cfg.reattn_norm == "batchnorm":
+                self.reattn_norm = BatchNorm(h, axis=1, epsilon=cfg.reattn_norm_eps,
+                                             momentum=cfg.bn_momentum)
+            else:  # vit-pytorch: LayerNorm across the head axis of every (b, i, j)
+                self.reattn_norm = nnx.LayerNorm(h, epsilon=cfg.reattn_norm_eps,
+                                                 reduction_axes=1, feature_axes=1,
+                                                 dtype=F32, rngs=rngs)
+            self.reattn_scale = self.scale if cfg.transform_scale else 1.0
+        self.proj = _linear(h * hd, cfg.embed_dim, cfg, rngs)
+        self.proj_drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
+
+    def __call__(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=F32) * self.scale
+        attn = jax.nn.softmax(logits, axis=-1)  # float32
+        attn = self.attn_drop(attn)
+        if self.reattention:
+            # Head mixing, accumulated in float32: A'[b,o,i,j] = sum_h W[o,h] A[b,h,i,j] + b[o]
+            attn = jnp.einsum("oh,bhij->boij", self.reattn_weight.value, attn,
+                              preferred_element_type=F32)
+            if self.reattn_bias is not None:
+                attn = attn + self.reattn_bias.value[None, :, None, None]
+            attn = self.reattn_norm(attn) * self.reattn_scale
+        out = jnp.einsum("bhij,bjhd->bihd", attn.astype(v.dtype), v)
+        out = self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
+        return self.proj_drop(out), attn
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.fc1 = _linear(cfg.embed_dim, cfg.hidden_dim, cfg, rngs)
+        self.fc2 = _linear(cfg.hidden_dim, cfg.embed_dim, cfg, rngs)
+        self.drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.drop(self.fc2(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm block with the official ``adjust_ratio`` r:
+    x += drop_path(attn(LN1(r x)) / r);  x += drop_path(mlp(LN2(r x))) / r."""
+
+    def __init__(self, cfg: ModelConfig, *, reattention: bool, drop_path: float,
+                 rngs: nnx.Rngs):
+        self.adjust_ratio = cfg.adjust_ratio
+        self.norm1 = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.attn = Attention(cfg, reattention=reattention, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        # Drop path = dropout of whole samples: broadcast the mask over tokens and channels.
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+    def __call__(self, x):
+        r = self.adjust_ratio
+        y, attn = self.attn(self.norm1(x * r))
+        x = x + self.drop_path(y / r)
+        x = x + self.drop_path(self.mlp(self.norm2(x * r))) / r
+        return x, attn
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+class DeepViT(nnx.Module):
+    """DeepViT / ViT classifier. ``model(images)`` takes NHWC float images of the config's
+    size and returns float32 logits; ``return_attention=True`` also returns the list of every
+    block's attention map (after Re-attention where a block has it)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        embed = {"conv": PatchEmbed, "cnn_stem": ConvStem, "linear": LinearPatchEmbed}
+        self.patch_embed = embed[cfg.patch_embed](cfg, rngs=rngs)
+        c = cfg.embed_dim
+        self.cls_token = nnx.Param(dense_init(rngs.params(), (1, 1, c)))
+        self.pos_embed = nnx.Param(dense_init(rngs.params(), (1, cfg.num_tokens, c)))
+        self.pos_drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
+        reattn = set(cfg.reattn_blocks)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nnx.List([
+            Block(cfg, reattention=i in reattn, drop_path=rates[i], rngs=rngs)
+            for i in range(cfg.depth)
+        ])
+        self.norm = nnx.LayerNorm(c, epsilon=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.head = nnx.Linear(c, cfg.num_classes, kernel_init=dense_init,
+                               bias_init=nnx.initializers.zeros, dtype=cfg.dtype, rngs=rngs)
+
+    def check_input(self, images) -> None:
+        cfg = self.config
+        want = (cfg.image_size, cfg.image_size, 3)
+        if getattr(images, "ndim", None) != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"{cfg.name}: expected NHWC images of shape (batch, {want[0]}, {want[1]}, 3), "
+                f"got {tuple(getattr(images, 'shape', ()))}. The model takes 3-channel images "
+                f"of size image_size={cfg.image_size} (create it with image_size=... for "
+                f"another multiple of patch_size={cfg.patch_size})")
+
+    def __call__(self, images, *, return_attention: bool = False):
+        self.check_input(images)
+        cfg = self.config
+        x = self.patch_embed(images.astype(cfg.dtype))
+        b = x.shape[0]
+        cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+        x = self.pos_drop(x)
+
+        maps = []
+        for blk in self.blocks:
+            if cfg.remat:
+                x, attn = nnx.remat(lambda m, y: m(y))(blk, x)
+            else:
+                x, attn = blk(x)
+            if return_attention:
+                maps.append(attn)
+
+        if cfg.head_norm == "before_pool":
+            x = self.norm(x)
+        x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
+        if cfg.head_norm == "after_pool":
+            x = self.norm(x)
+        logits = self.head(x).astype(F32)
+        return (logits, maps) if return_attention else logits
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` leaves; BatchNorm statistics excluded)."""
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def block_types(cfg: ModelConfig) -> Sequence[str]:
+    """'reattn' or 'plain' for each block, in order."""
+    return ["reattn" if i in set(cfg.reattn_blocks) else "plain" for i in range(cfg.depth)]

@@ -1,0 +1,17 @@
+"""Shared test set-up: quiet TensorFlow, CPU-only TF, float32 everywhere."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tf.data must not grab an accelerator
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+    """Parity tests compare with PyTorch at 1e-4: use full-precision matmuls on any backend."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
