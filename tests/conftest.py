@@ -1,9 +1,8 @@
-"""Shared test set-up: quiet TensorFlow, CPU-only TF, float32 everywhere."""
+"""Shared test set-up: quiet TensorFlow, float32 everywhere."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tf.data must not grab an accelerator
 
 import pytest  # noqa: E402
 
