@@ -49,8 +49,9 @@ class ModelConfig:
     head_dim: int | None = None  # None: embed_dim // num_heads (official); free in vit-pytorch
     mlp_dim: int | None = None  # None: 3 * embed_dim (the official MLP ratio)
     qkv_bias: bool = True
-    # Re-attention: 0-based indices of the blocks that use it; the others are plain.
-    reattn_blocks: tuple[int, ...] = ()
+    # Re-attention: 0-based indices of the blocks that use it (the others are plain), or
+    # "all" (every block, whatever the depth).
+    reattn_blocks: tuple[int, ...] | str = ()
     reattn_bias: bool = True  # bias of Theta (official: yes; vit-pytorch: no)
     reattn_norm: Literal["batchnorm", "layernorm"] = "batchnorm"
     reattn_norm_eps: float = 1e-5
@@ -80,7 +81,8 @@ class ModelConfig:
 
     def __post_init__(self):
         # Normalise list-like fields so configs compare equal and round-trip through JSON.
-        object.__setattr__(self, "reattn_blocks", tuple(int(i) for i in self.reattn_blocks))
+        if not isinstance(self.reattn_blocks, str):
+            object.__setattr__(self, "reattn_blocks", tuple(int(i) for i in self.reattn_blocks))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         self.validate()
@@ -93,6 +95,13 @@ class ModelConfig:
     @property
     def hidden_dim(self) -> int:
         return self.mlp_dim if self.mlp_dim is not None else 3 * self.embed_dim
+
+    @property
+    def reattn_indices(self) -> tuple[int, ...]:
+        """0-based indices of the Re-attention blocks."""
+        if self.reattn_blocks == "all":
+            return tuple(range(self.depth))
+        return self.reattn_blocks
 
     @property
     def grid_size(self) -> int:
@@ -128,7 +137,9 @@ class ModelConfig:
         if self.head_dim is None and self.embed_dim % self.num_heads:
             bad("embed_dim", f"{self.embed_dim} is not divisible by num_heads "
                 f"{self.num_heads}; set head_dim explicitly")
-        bad_blocks = [i for i in self.reattn_blocks if not 0 <= i < self.depth]
+        if isinstance(self.reattn_blocks, str) and self.reattn_blocks != "all":
+            bad("reattn_blocks", f"{self.reattn_blocks!r}: use 'all' or a list of block indices")
+        bad_blocks = [i for i in self.reattn_indices if not 0 <= i < self.depth]
         if bad_blocks:
             bad("reattn_blocks", f"indices {bad_blocks} outside 0..{self.depth - 1}")
         for field in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
@@ -221,16 +232,16 @@ class BatchNorm(nnx.Module):
         shape[axis] = x.shape[axis]
         x32 = x.astype(F32)
         if self.use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean[...], self.var[...]
         else:
             mean = jnp.mean(x32, axis=reduce)
             var = jnp.mean(jnp.square(x32 - mean.reshape(shape)), axis=reduce)
             n = x.size // x.shape[axis]
             m = self.momentum
-            self.mean.value = m * self.mean.value + (1 - m) * mean
-            self.var.value = m * self.var.value + (1 - m) * var * (n / max(n - 1, 1))
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale.value
-        y = (x32 - mean.reshape(shape)) * inv.reshape(shape) + self.bias.value.reshape(shape)
+            self.mean[...] = m * self.mean[...] + (1 - m) * mean
+            self.var[...] = m * self.var[...] + (1 - m) * var * (n / max(n - 1, 1))
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        y = (x32 - mean.reshape(shape)) * inv.reshape(shape) + self.bias[...].reshape(shape)
         return y.astype(x.dtype)
 
 
@@ -333,10 +344,10 @@ class Attention(nnx.Module):
         attn = self.attn_drop(attn)
         if self.reattention:
             # Head mixing, accumulated in float32: A'[b,o,i,j] = sum_h W[o,h] A[b,h,i,j] + b[o]
-            attn = jnp.einsum("oh,bhij->boij", self.reattn_weight.value, attn,
+            attn = jnp.einsum("oh,bhij->boij", self.reattn_weight[...], attn,
                               preferred_element_type=F32)
             if self.reattn_bias is not None:
-                attn = attn + self.reattn_bias.value[None, :, None, None]
+                attn = attn + self.reattn_bias[...][None, :, None, None]
             attn = self.reattn_norm(attn) * self.reattn_scale
         out = jnp.einsum("bhij,bjhd->bihd", attn.astype(v.dtype), v)
         out = self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
@@ -394,7 +405,7 @@ class DeepViT(nnx.Module):
         self.cls_token = nnx.Param(dense_init(rngs.params(), (1, 1, c)))
         self.pos_embed = nnx.Param(dense_init(rngs.params(), (1, cfg.num_tokens, c)))
         self.pos_drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
-        reattn = set(cfg.reattn_blocks)
+        reattn = set(cfg.reattn_indices)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nnx.List([
             Block(cfg, reattention=i in reattn, drop_path=rates[i], rngs=rngs)
@@ -419,8 +430,8 @@ class DeepViT(nnx.Module):
         cfg = self.config
         x = self.patch_embed(images.astype(cfg.dtype))
         b = x.shape[0]
-        cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
         x = self.pos_drop(x)
 
         maps = []
@@ -448,4 +459,4 @@ def count_params(model: nnx.Module) -> int:
 
 def block_types(cfg: ModelConfig) -> Sequence[str]:
     """'reattn' or 'plain' for each block, in order."""
-    return ["reattn" if i in set(cfg.reattn_blocks) else "plain" for i in range(cfg.depth)]
+    return ["reattn" if i in set(cfg.reattn_indices) else "plain" for i in range(cfg.depth)]

@@ -14,8 +14,7 @@ def _plain(depth: int) -> ModelConfig:
 
 
 def _reattn(depth: int) -> ModelConfig:
-    return _BASE.replace(name=f"deepvit_{depth}b", depth=depth,
-                         reattn_blocks=tuple(range(depth)))
+    return _BASE.replace(name=f"deepvit_{depth}b", depth=depth, reattn_blocks="all")
 
 
 _DEEPVIT_S = _BASE.replace(
