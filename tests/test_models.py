@@ -95,7 +95,7 @@ def test_variant_structure_matches_reference_table():
 def numpy_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, theta=None, theta_b=None,
                     bn=None, eps=1e-5, scale_map=1.0):
     """The paper's (Re-)attention in NumPy float64, straight from reference §2."""
-    b, n, c = x.shape
+    b, n, _ = x.shape
     hd = qkv_w.shape[1] // 3 // heads
     qkv = (x @ qkv_w + qkv_b).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv
@@ -148,7 +148,7 @@ def test_plain_attention_matches_numpy_and_rows_sum_to_one():
     attn = _attention(False)
     x = np.random.default_rng(1).normal(size=(2, 9, 24)).astype(np.float32)
     out, a = attn(jnp.asarray(x))
-    ref_out, ref_a = numpy_attention(x.astype(np.float64), _np(attn.qkv.kernel),
+    ref_out, _ = numpy_attention(x.astype(np.float64), _np(attn.qkv.kernel),
                                      _np(attn.qkv.bias), _np(attn.proj.kernel),
                                      _np(attn.proj.bias), 4)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
@@ -263,7 +263,7 @@ def test_remat_gives_the_same_logits_and_gradients():
 
     plain, remat = tiny(), tiny(remat=True)
     g1, g2 = grads(plain), grads(remat)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,14 +154,14 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; allowed: "
                              f"{sorted(f.name for f in dataclasses.fields(cls))}")
         return cls(**d)
 
-    def replace(self, **overrides) -> "ModelConfig":
+    def replace(self, **overrides) -> ModelConfig:
         allowed = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
