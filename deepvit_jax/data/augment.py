@@ -1,0 +1,519 @@
+"""Host-side training augmentation in tf.data, following timm's recipe (reference §6).
+
+Order (as timm's ``create_transform(is_training=True)``): random-resized crop (+ random
+bilinear/bicubic resize) -> horizontal flip -> RandAugment (uint8) -> normalise -> random
+erasing.  All randomness is *stateless*: every op takes a seed derived from the per-example
+seed, so the stream is reproducible under any tf.data parallelism and resumable.
+
+Why hand-written instead of Keras / keras_cv / tf-models-official layers:
+* ``tf.image.sample_distorted_bounding_box`` samples the aspect ratio linearly and has a
+  different fallback than torchvision's ``RandomResizedCrop`` (log-uniform ratio, 10 tries,
+  centre-crop fallback), which the recipe uses; we sample the torchvision way, then use TF's
+  own ``decode_and_crop_jpeg`` (decode only the crop) and ``tf.image.resize``.
+* Keras' RandAugment / keras_cv's RandAugment and tf-models-official's ``RandAugment`` use other
+  op sets and magnitude scales than timm's ``rand-m9-mstd0.5-inc1`` (increasing ops, per-op
+  probability 0.5, Gaussian magnitude noise, translate 45 % of the size, fill = mean colour),
+  use stateful RNGs (not resumable), and tf-models-official is a heavy install.  The ops below
+  follow PIL's definitions (what timm calls) and are tested against PIL and timm's magnitude
+  formulas (tests/test_data_augment.py).
+* Random erasing has no TF library version with timm's semantics.
+Deviation: the affine ops (rotate/shear/translate) use bilinear sampling only (TF's projective
+transform has no bicubic); timm picks bilinear or bicubic at random.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from deepvit_jax.data import preprocess
+
+# ----------------------------------------------------------------------------------------
+# seeds
+# ----------------------------------------------------------------------------------------
+
+
+def split_seed(seed, num: int):
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=num)
+
+
+def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
+    return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval,
+                                       dtype=tf.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# random-resized crop (torchvision RandomResizedCrop.get_params semantics)
+# ----------------------------------------------------------------------------------------
+
+
+def rrc_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """(top, left, h, w) as torchvision: area ~ U(scale) * H * W, log-ratio ~ U(log ratio),
+    w = round(sqrt(a r)), h = round(sqrt(a / r)); first of 10 tries that fits, else a centre
+    crop with the ratio clamped to the range."""
+    s = split_seed(seed, 4)
+    h_f = tf.cast(height, tf.float32)
+    w_f = tf.cast(width, tf.float32)
+    area = h_f * w_f
+    target = _uniform(s[0], [attempts], scale[0], scale[1]) * area
+    logr = _uniform(s[1], [attempts], math.log(ratio[0]), math.log(ratio[1]))
+    r = tf.exp(logr)
+    cw = tf.cast(tf.round(tf.sqrt(target * r)), tf.int32)
+    ch = tf.cast(tf.round(tf.sqrt(target / r)), tf.int32)
+    ok = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
+    k = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    any_ok = tf.reduce_any(ok)
+    ch_k, cw_k = ch[k], cw[k]
+    u = _uniform(s[2], [2])
+    top = tf.minimum(tf.cast(tf.floor(u[0] * tf.cast(height - ch_k + 1, tf.float32)), tf.int32),
+                     height - ch_k)
+    left = tf.minimum(tf.cast(tf.floor(u[1] * tf.cast(width - cw_k + 1, tf.float32)), tf.int32),
+                      width - cw_k)
+    # fallback: whole image, ratio clamped, centred (int((H - h) / 2) as torchvision)
+    in_ratio = w_f / h_f
+    fw = tf.where(in_ratio < ratio[0], width,
+                  tf.where(in_ratio > ratio[1],
+                           tf.cast(tf.round(h_f * ratio[1]), tf.int32), width))
+    fh = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
+    ftop = (height - fh) // 2
+    fleft = (width - fw) // 2
+    return (tf.where(any_ok, top, ftop), tf.where(any_ok, left, fleft),
+            tf.where(any_ok, ch_k, fh), tf.where(any_ok, cw_k, fw))
+
+
+def _image_shape(encoded):
+    """(H, W) from the header for JPEG (cheap), else by decoding."""
+    return tf.cond(tf.io.is_jpeg(encoded),
+                   lambda: tf.io.extract_jpeg_shape(encoded)[:2],
+                   lambda: tf.shape(preprocess.decode_image(encoded))[:2])
+
+
+def decode_random_crop(encoded, seed, scale, ratio):
+    """Decode only the random-resized-crop window (``decode_and_crop_jpeg`` for JPEG)."""
+    shape = _image_shape(encoded)
+    top, left, h, w = rrc_window(seed, shape[0], shape[1], scale, ratio)
+    window = tf.stack([top, left, h, w])
+
+    def jpeg():
+        img = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        return img
+
+    def other():
+        img = preprocess.decode_image(encoded)
+        return tf.image.crop_to_bounding_box(img, top, left, h, w)
+
+    img = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    img.set_shape([None, None, 3])
+    return img
+
+
+def random_interp_resize(image, size: int, interpolation: str, seed):
+    if interpolation == "random":
+        pick = _uniform(seed) < 0.5
+        return tf.cond(pick, lambda: preprocess.resize_uint8(image, (size, size), "bilinear"),
+                       lambda: preprocess.resize_uint8(image, (size, size), "bicubic"))
+    return preprocess.resize_uint8(image, (size, size), interpolation)
+
+
+# ----------------------------------------------------------------------------------------
+# PIL-semantics image ops on uint8 (H, W, 3)
+# ----------------------------------------------------------------------------------------
+
+
+def _to_u8(x):
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _blend(degenerate, image, factor):
+    """PIL Image.blend(degenerate, image, factor) on uint8: float maths, clipped, truncated
+    (PIL's ``CLIP8(in1 + alpha * (in2 - in1))`` assigned to UINT8)."""
+    d = tf.cast(degenerate, tf.float32)
+    x = tf.cast(image, tf.float32)
+    return tf.cast(tf.clip_by_value(tf.floor(d + factor * (x - d)), 0.0, 255.0), tf.uint8)
+
+
+def grayscale_l(image):
+    """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16."""
+    x = tf.cast(image, tf.int32)
+    return (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) // 65536
+
+
+def autocontrast(image):
+    """ImageOps.autocontrast (cutoff 0): per channel, stretch [lo, hi] to [0, 255]."""
+    x = tf.cast(image, tf.float32)
+    lo = tf.reduce_min(x, axis=[0, 1])
+    hi = tf.reduce_max(x, axis=[0, 1])
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    y = tf.clip_by_value(tf.floor(x * scale - lo * scale), 0.0, 255.0)
+    # PIL's int() truncates towards zero: for negative values clip gives 0 either way.
+    return tf.where(hi > lo, tf.cast(y, tf.uint8), image)
+
+
+def _equalize_channel(c):
+    hist = tf.math.bincount(tf.cast(c, tf.int32), minlength=256, maxlength=256)
+    nonzero = tf.where(hist > 0)[:, 0]
+    last = hist[tf.reduce_max(nonzero)]
+    step = (tf.reduce_sum(hist) - last) // 255
+    safe = tf.maximum(step, 1)
+    lut = (step // 2 + tf.cumsum(hist, exclusive=True)) // safe
+    lut = tf.clip_by_value(lut, 0, 255)
+    out = tf.gather(lut, tf.cast(c, tf.int32))
+    return tf.where(step > 0, tf.cast(out, tf.uint8), c)
+
+
+def equalize(image):
+    """ImageOps.equalize, per channel."""
+    return tf.stack([_equalize_channel(image[..., i]) for i in range(3)], axis=-1)
+
+
+def invert(image):
+    return 255 - image
+
+
+def posterize(image, bits):
+    """Keep the ``bits`` most significant bits (bits >= 8: unchanged)."""
+    bits = tf.cast(bits, tf.int32)
+    mask = tf.bitwise.invert(tf.bitwise.left_shift(1, 8 - tf.minimum(bits, 8)) - 1)
+    out = tf.cast(tf.bitwise.bitwise_and(tf.cast(image, tf.int32), mask), tf.uint8)
+    return tf.where(bits >= 8, image, out)
+
+
+def solarize(image, threshold):
+    x = tf.cast(image, tf.int32)
+    return tf.cast(tf.where(x < tf.cast(threshold, tf.int32), x, 255 - x), tf.uint8)
+
+
+def solarize_add(image, add, threshold=128):
+    x = tf.cast(image, tf.int32)
+    return tf.cast(tf.where(x < threshold, tf.minimum(x + tf.cast(add, tf.int32), 255), x),
+                   tf.uint8)
+
+
+def color(image, factor):
+    g = tf.cast(grayscale_l(image), tf.uint8)
+    return _blend(tf.stack([g, g, g], axis=-1), image, factor)
+
+
+def contrast(image, factor):
+    mean = tf.floor(tf.reduce_mean(tf.cast(grayscale_l(image), tf.float32)) + 0.5)
+    return _blend(tf.fill(tf.shape(image), mean), image, factor)
+
+
+def brightness(image, factor):
+    return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image, factor):
+    """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3 [1 1 1; 1 5 1; 1 1 1] / 13,
+    border pixels unchanged)."""
+    x = tf.cast(image, tf.float32)[None]
+    k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+    k = tf.tile(k[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "VALID")[0]
+    smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
+    shape = tf.shape(image)
+    inner = tf.pad(tf.ones(shape[:2] - 2, tf.bool), [[1, 1], [1, 1]])[..., None]
+    degenerate = tf.where(inner, smooth, tf.cast(image, tf.float32))
+    return _blend(degenerate, image, factor)
+
+
+def pil_affine(image, matrix, fill):
+    """PIL ``Image.transform(size, AFFINE, matrix, BILINEAR, fillcolor=fill)``: output pixel
+    (x, y) samples the input at (a x + b y + c, d x + e y + f) with PIL's half-pixel centres."""
+    a, b, c, d, e, f = [tf.cast(v, tf.float32) for v in matrix]
+    c2 = c + 0.5 * (a + b) - 0.5
+    f2 = f + 0.5 * (d + e) - 0.5
+    transform = tf.stack([a, b, c2, d, e, f2, 0.0, 0.0])[None]
+    shape = tf.shape(image)
+
+    def warp(x):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=x[None], transforms=transform, output_shape=shape[:2], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+    # ImageProjectiveTransform fills with one scalar: warp with fill 0 and add the per-channel
+    # fill colour weighted by how much of each sample fell outside (warp of an all-ones image).
+    out = warp(tf.cast(image, tf.float32))
+    inside = warp(tf.ones_like(tf.cast(image[..., :1], tf.float32)))
+    out = out + (1.0 - inside) * tf.cast(fill, tf.float32)
+    return _to_u8(out)
+
+
+def rotate(image, degrees, fill):
+    """PIL ``img.rotate(degrees)`` (counter-clockwise, about the centre, same size)."""
+    shape = tf.shape(image)
+    cx = tf.cast(shape[1], tf.float32) / 2.0
+    cy = tf.cast(shape[0], tf.float32) / 2.0
+    ang = -tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    a, b = tf.cos(ang), tf.sin(ang)
+    d, e = -tf.sin(ang), tf.cos(ang)
+    c = a * (-cx) + b * (-cy) + cx
+    f = d * (-cx) + e * (-cy) + cy
+    return pil_affine(image, (a, b, c, d, e, f), fill)
+
+
+def shear_x(image, factor, fill):
+    return pil_affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(image, factor, fill):
+    return pil_affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+
+
+def translate_x_rel(image, pct, fill):
+    pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(image)[1], tf.float32)
+    return pil_affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def translate_y_rel(image, pct, fill):
+    pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(image)[0], tf.float32)
+    return pil_affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+# ----------------------------------------------------------------------------------------
+# RandAugment (timm semantics)
+# ----------------------------------------------------------------------------------------
+
+LEVEL_DENOM = 10.0
+
+RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                   "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
+                   "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_INCREASING_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate",
+                              "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+                              "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                              "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+                              "TranslateYRel")
+
+
+def parse_randaugment(spec: str) -> dict:
+    """timm's ``rand-m9-mstd0.5-inc1`` string -> {magnitude, num_layers, magnitude_std,
+    magnitude_max, transforms}."""
+    parts = str(spec).split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"data.randaugment={spec!r}: a timm RandAugment string starts with "
+                         "'rand-' (e.g. 'rand-m9-mstd0.5-inc1')")
+    out = dict(magnitude=LEVEL_DENOM, num_layers=2, magnitude_std=0.0, magnitude_max=None,
+               transforms=RAND_TRANSFORMS, prob=0.5)
+    for c in parts[1:]:
+        cs = re.split(r"(\d.*)", c)
+        if len(cs) < 2:
+            continue
+        key, val = cs[:2]
+        if key == "mstd":
+            mstd = float(val)
+            out["magnitude_std"] = math.inf if mstd > 100 else mstd
+        elif key == "mmax":
+            out["magnitude_max"] = int(val)
+        elif key == "inc":
+            if bool(int(val)):
+                out["transforms"] = RAND_INCREASING_TRANSFORMS
+        elif key == "m":
+            out["magnitude"] = float(int(val))
+        elif key == "n":
+            out["num_layers"] = int(val)
+        else:
+            raise ValueError(f"data.randaugment={spec!r}: unsupported section {c!r} "
+                             "(supported: m, n, mstd, mmax, inc)")
+    return out
+
+
+def level_to_arg(name: str, level, negate):
+    """timm's level -> argument functions (``auto_augment.LEVEL_TO_ARG``) in TF.  ``negate`` is
+    timm's ``_randomly_negate`` coin (bool)."""
+    level = tf.cast(level, tf.float32)
+    sign = tf.where(negate, -1.0, 1.0)
+    frac = level / LEVEL_DENOM
+    if name == "Rotate":
+        return frac * 30.0 * sign
+    if name in ("ShearX", "ShearY"):
+        return frac * 0.3 * sign
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return frac * 0.45 * sign
+    if name == "Posterize":
+        return tf.floor(frac * 4.0)
+    if name == "PosterizeIncreasing":
+        return 4.0 - tf.floor(frac * 4.0)
+    if name == "Solarize":
+        return tf.floor(frac * 256.0)
+    if name == "SolarizeIncreasing":
+        return 256.0 - tf.floor(frac * 256.0)
+    if name == "SolarizeAdd":
+        return tf.floor(frac * 110.0)
+    if name.endswith("Increasing"):     # Color/Contrast/Brightness/Sharpness increasing
+        return tf.maximum(0.1, 1.0 + frac * 0.9 * sign)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return frac * 1.8 + 0.1
+    return tf.constant(0.0)
+
+
+def apply_op(name: str, image, arg, fill):
+    base = name.replace("Increasing", "")
+    if base == "AutoContrast":
+        return autocontrast(image)
+    if base == "Equalize":
+        return equalize(image)
+    if base == "Invert":
+        return invert(image)
+    if base == "Rotate":
+        return rotate(image, arg, fill)
+    if base == "Posterize":
+        return posterize(image, arg)
+    if base == "Solarize":
+        return solarize(image, arg)
+    if base == "SolarizeAdd":
+        return solarize_add(image, arg)
+    if base == "Color":
+        return color(image, arg)
+    if base == "Contrast":
+        return contrast(image, arg)
+    if base == "Brightness":
+        return brightness(image, arg)
+    if base == "Sharpness":
+        return sharpness(image, arg)
+    if base == "ShearX":
+        return shear_x(image, arg, fill)
+    if base == "ShearY":
+        return shear_y(image, arg, fill)
+    if base == "TranslateXRel":
+        return translate_x_rel(image, arg, fill)
+    if base == "TranslateYRel":
+        return translate_y_rel(image, arg, fill)
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def sample_magnitude(seed, magnitude, magnitude_std, magnitude_max=None):
+    """timm: m ~ N(m, mstd) (or U(0, m) for mstd=inf), clipped to [0, mmax or 10]."""
+    upper = float(magnitude_max or LEVEL_DENOM)
+    if magnitude_std == math.inf:
+        m = _uniform(seed, (), 0.0, magnitude)
+    elif magnitude_std > 0:
+        m = magnitude + magnitude_std * tf.random.stateless_normal((), seed)
+    else:
+        m = tf.constant(magnitude, tf.float32)
+    return tf.clip_by_value(m, 0.0, upper)
+
+
+def randaugment(image, seed, params: dict, fill: Sequence[int]):
+    """timm ``RandAugment``: ``num_layers`` ops drawn uniformly with replacement, each applied
+    with probability 0.5, magnitude sampled per op."""
+    names = params["transforms"]
+    fill = tf.constant([float(v) for v in fill], tf.float32)
+    seeds = split_seed(seed, params["num_layers"])
+    for layer in range(params["num_layers"]):
+        s = split_seed(seeds[layer], 4)
+        op = tf.random.stateless_uniform((), s[0], 0, len(names), dtype=tf.int32)
+        apply = _uniform(s[1]) <= params["prob"]          # timm skips when random() > prob
+        level = sample_magnitude(s[2], params["magnitude"], params["magnitude_std"],
+                                 params["magnitude_max"])
+        negate = _uniform(s[3]) > 0.5
+
+        def branch(name, image=image, level=level, negate=negate):
+            return lambda: apply_op(name, image, level_to_arg(name, level, negate), fill)
+
+        branches = [branch(n) for n in names]
+        # tf.cond / switch_case run only the chosen op, and nothing when the coin says skip.
+        image = tf.cond(apply, lambda b=branches, op=op: tf.switch_case(op, b),
+                        lambda x=image: tf.identity(x))
+        image.set_shape([None, None, 3])
+    return image
+
+
+# ----------------------------------------------------------------------------------------
+# random erasing (timm RandomErasing, applied to the normalised image)
+# ----------------------------------------------------------------------------------------
+
+
+def random_erasing(image, seed, *, probability=0.25, mode="pixel", max_count=1,
+                   min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
+    """timm ``RandomErasing``: with prob ``probability`` erase 1..max_count rectangles of area
+    U(0.02, 1/3)/count and log-uniform aspect (0.3, 1/0.3), first of 10 tries that fits
+    (w < W and h < H); fill: 'pixel' per-pixel N(0,1), 'rand' per-channel N(0,1), 'const' 0."""
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"data.erasing_mode={mode!r} is not 'pixel', 'rand' or 'const'")
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    area = tf.cast(height * width, tf.float32)
+    s = split_seed(seed, 2 + max_count)
+    do = _uniform(s[0]) < probability
+    if max_count > 1:
+        count = tf.random.stateless_uniform((), s[1], 1, max_count + 1, dtype=tf.int32)
+    else:
+        count = tf.constant(1, tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    for j in range(max_count):
+        sj = split_seed(s[2 + j], 5)
+        target = (_uniform(sj[0], [attempts], min_area, max_area) * area
+                  / tf.cast(count, tf.float32))
+        r = tf.exp(_uniform(sj[1], [attempts], math.log(min_aspect), math.log(1 / min_aspect)))
+        h = tf.cast(tf.round(tf.sqrt(target * r)), tf.int32)
+        w = tf.cast(tf.round(tf.sqrt(target / r)), tf.int32)
+        ok = (w < width) & (h < height)
+        k = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+        hk, wk = h[k], w[k]
+        u = _uniform(sj[2], [2])
+        top = tf.minimum(tf.cast(u[0] * tf.cast(height - hk + 1, tf.float32), tf.int32),
+                         height - hk)
+        left = tf.minimum(tf.cast(u[1] * tf.cast(width - wk + 1, tf.float32), tf.int32), width - wk)
+        def erase(x=image, top=top, left=left, hk=hk, wk=wk, s3=sj[3]):
+            inside = (rows >= top) & (rows < top + hk) & (cols >= left) & (cols < left + wk)
+            if mode == "pixel":
+                fill = tf.random.stateless_normal(tf.shape(x), s3)
+            elif mode == "rand":
+                fill = tf.random.stateless_normal([1, 1, 3], s3) + tf.zeros_like(x)
+            else:
+                fill = tf.zeros_like(x)
+            return tf.where(inside, fill, x)
+
+        active = do & tf.reduce_any(ok) & (j < count)
+        image = tf.cond(active, erase, lambda x=image: tf.identity(x))   # no cost when idle
+    return image
+
+
+# ----------------------------------------------------------------------------------------
+# the whole training transform
+# ----------------------------------------------------------------------------------------
+
+
+def make_train_augment(data_cfg, *, image_size: int, mean: Sequence[float],
+                       std: Sequence[float]):
+    """-> fn(encoded_bytes, seed int64[2]) -> float32 (S, S, 3), per the config switches."""
+    size = int(image_size)
+    rrc = bool(data_cfg.random_resized_crop)
+    scale = tuple(float(v) for v in data_cfg.rrc_scale)
+    ratio = tuple(float(v) for v in data_cfg.rrc_ratio)
+    interp = str(data_cfg.train_interpolation)
+    if interp != "random":
+        preprocess._method(interp)
+    hflip = float(data_cfg.hflip)
+    ra = parse_randaugment(data_cfg.randaugment) if data_cfg.randaugment else None
+    fill = tuple(min(255, round(255 * m)) for m in mean)     # timm: img_mean fill colour
+    erase_p = float(data_cfg.random_erasing)
+    erase_mode = str(data_cfg.erasing_mode)
+    erase_count = int(data_cfg.erasing_count)
+    if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"data.rrc_scale={scale} / data.rrc_ratio={ratio} are not valid ranges")
+
+    def fn(encoded, seed):
+        s = split_seed(seed, 6)
+        if rrc:
+            img = decode_random_crop(encoded, s[0], scale, ratio)
+        else:
+            img = preprocess.decode_image(encoded)
+        img = random_interp_resize(img, size, interp, s[1])
+        if hflip > 0:
+            img = tf.where(_uniform(s[2]) < hflip, tf.image.flip_left_right(img), img)
+        if ra is not None:
+            img = randaugment(img, s[3], ra, fill)
+        x = preprocess.normalize(img, mean, std)
+        if erase_p > 0:
+            x = random_erasing(x, s[4], probability=erase_p, mode=erase_mode,
+                               max_count=erase_count)
+        x.set_shape([size, size, 3])
+        return x
+
+    return fn

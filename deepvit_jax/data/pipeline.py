@@ -1,0 +1,497 @@
+"""TFDS -> tf.data -> globally sharded ``jax.Array`` batches.
+
+How an image becomes a batch (training):
+
+1. Every process reads only its own part of the split (``tfds.split_for_jax_process``, equal
+   sizes), as *encoded* bytes (``SkipDecoding``), files shuffled with a seed.
+2. The encoded examples are shuffled (seeded buffer), numbered (``enumerate``) and - when
+   resuming - the already-seen ones are skipped *before* any decoding.
+3. Each example is decoded and augmented (augment.py) with stateless random ops whose seed is
+   derived from (seed, epoch, process, example number): the same seed gives the same batches
+   whatever the thread scheduling, and a restored iterator repeats the exact stream.
+4. Host batches of ``global_batch_size / process_count`` (remainder dropped) become one global
+   ``jax.Array`` via ``jax.make_array_from_process_local_data`` on the given ``NamedSharding``,
+   prefetched to the devices.
+
+Evaluation reads each process's part once, pads with masked (mask 0) zero images so every
+process yields the same number of batches, and counts every image exactly once.
+
+The iterator state is ``{'seed', 'epoch', 'position', ...}`` (JSON): ``position`` is the number
+of batches already yielded in ``epoch``.  Images that fail to decode at read time are skipped
+(``ignore_errors``, logged by tf.data); ``prepare`` removes such images beforehand, so that the
+stream and its resume positions stay exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from deepvit_jax.data import augment as aug_lib
+from deepvit_jax.data import preprocess
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def _tf():
+    import tensorflow as tf
+
+    # tf.data only: keep TensorFlow away from any accelerator JAX owns.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass
+    return tf
+
+
+def _tfds():
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+# ----------------------------------------------------------------------------------------
+# Dataset resolution
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    num_train: int
+    num_eval: int
+    train_split: str
+    eval_split: str
+    image_shape: tuple | None
+    class_names: tuple | None
+    data_dir: str
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+    if data_dir:
+        return os.path.expanduser(str(data_dir))
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    pass
+
+
+def get_builder(data_cfg, *, prepare_digits: bool = True):
+    """The TFDS builder for ``data_cfg.dataset`` (prepared), with a clear error otherwise."""
+    tfds = _tfds()
+    name = str(data_cfg.dataset)
+    data_dir = default_data_dir(data_cfg.get("data_dir"))
+    if name == "digits":
+        from deepvit_jax.data.builders.digits import Digits
+
+        builder = Digits(data_dir=data_dir)
+        if not builder.is_prepared():
+            if not prepare_digits:
+                raise DatasetNotPreparedError(f"digits is not prepared under {data_dir}")
+            log.info("Preparing the embedded digits dataset under %s", data_dir)
+            builder.download_and_prepare()
+        return builder
+    if name == "folder":
+        from deepvit_jax.data.builders.folder import folder_builder
+
+        return folder_builder(data_cfg.get("folder_path"), data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"data.dataset={name!r} is not a known dataset: use 'digits', 'folder' or a TFDS "
+            f"name (see tfds.list_builders()). {first}") from None
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(
+            f"data.dataset={name!r} is not prepared under data_dir={data_dir!r}. Run first:\n"
+            f"  python -m deepvit_jax.data prepare {name} --data-dir {data_dir}"
+            + (" --manual-dir DIR" if name.startswith("imagenet2012") else ""))
+    return builder
+
+
+def _split_size(builder, split: str, field: str) -> int:
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"data.{field}={split!r} does not exist in dataset {builder.name!r}; available "
+            f"splits: {sorted(builder.info.splits.keys())} ({e})") from None
+
+
+def _eval_split(data_cfg, builder) -> str:
+    if data_cfg.get("eval_split"):
+        return str(data_cfg.eval_split)
+    splits = builder.info.splits.keys()
+    for s in ("validation", "test", "val"):
+        if s in splits:
+            return s
+    raise ValueError(f"dataset {builder.name!r} has no 'validation' or 'test' split "
+                     f"(splits: {sorted(splits)}); set data.eval_split")
+
+
+def _check_features(data_cfg, builder):
+    feats = builder.info.features
+    for key, field in ((data_cfg.image_key, "image_key"), (data_cfg.label_key, "label_key")):
+        if key not in feats:
+            raise ValueError(f"data.{field}={key!r} is not a feature of {builder.name!r} "
+                             f"(features: {sorted(feats.keys())})")
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+    """Classes and split sizes; errors clearly for an unknown dataset or split (no compute)."""
+    builder = get_builder(data_cfg)
+    _check_features(data_cfg, builder)
+    train_split = str(data_cfg.train_split)
+    eval_split = _eval_split(data_cfg, builder)
+    num_train = _split_size(builder, train_split, "train_split")
+    num_eval = _split_size(builder, eval_split, "eval_split")
+    label = builder.info.features[data_cfg.label_key]
+    num_classes = getattr(label, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"feature {data_cfg.label_key!r} of {builder.name!r} is not a ClassLabel")
+    names = getattr(label, "names", None)
+    img = builder.info.features[data_cfg.image_key]
+    return DatasetInfo(name=builder.name, num_classes=int(num_classes), num_train=num_train,
+                       num_eval=num_eval, train_split=train_split, eval_split=eval_split,
+                       image_shape=tuple(getattr(img, "shape", ()) or ()) or None,
+                       class_names=tuple(names) if names else None,
+                       data_dir=default_data_dir(data_cfg.get("data_dir")))
+
+
+# ----------------------------------------------------------------------------------------
+# Host-local tf.data pipelines
+# ----------------------------------------------------------------------------------------
+
+
+def _process(process_index, process_count):
+    import jax
+
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index={pi} is not in [0, process_count={pc})")
+    return pi, pc
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"the process count ({process_count})")
+    return global_batch_size // process_count
+
+
+def _options(data_cfg):
+    tf = _tf()
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.autotune.enabled = True
+    if data_cfg.get("private_threadpool_size"):
+        opts.threading.private_threadpool_size = int(data_cfg.private_threadpool_size)
+    return opts
+
+
+def _seed_words(*ints) -> tuple[int, int]:
+    """Two int64-safe seed words from any integers (NumPy's SeedSequence hashing)."""
+    a, b = np.random.SeedSequence([int(i) % (2**63) for i in ints]).generate_state(2)
+    return int(a), int(b)
+
+
+def _read(data_cfg, builder, split, *, shuffle_seed: int | None):
+    tfds = _tfds()
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
+                                  options=_options(data_cfg), add_tfds_id=False)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config,
+                            decoders={data_cfg.image_key: tfds.decode.SkipDecoding()})
+    ik, lk = data_cfg.image_key, data_cfg.label_key
+    return ds.map(lambda ex: (ex[ik], ex[lk]))
+
+
+def process_split(split: str, process_index: int, process_count: int, *, drop_remainder: bool):
+    return _tfds().split_for_jax_process(split, process_index=process_index,
+                                         process_count=process_count,
+                                         drop_remainder=drop_remainder)
+
+
+class HostTrainStream:
+    """This process's training batches as NumPy arrays (plus the state after each batch)."""
+
+    def __init__(self, data_cfg, *, global_batch_size: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], seed: int,
+                 process_index=None, process_count=None):
+        self.cfg = data_cfg
+        self.process_index, self.process_count = _process(process_index, process_count)
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch = _local_batch(self.global_batch_size, self.process_count)
+        self.image_size = int(image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = int(seed)
+        self.builder = get_builder(data_cfg)
+        _check_features(data_cfg, self.builder)
+        split = str(data_cfg.train_split)
+        _split_size(self.builder, split, "train_split")
+        self.split = process_split(split, self.process_index, self.process_count,
+                                   drop_remainder=True)
+        self.num_local = int(self.builder.info.splits[self.split].num_examples)
+        self.batches_per_epoch = self.num_local // self.local_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the train split {split!r} has {self.num_local} examples per process, fewer "
+                f"than the per-process batch {self.local_batch} (global_batch_size="
+                f"{self.global_batch_size}, {self.process_count} processes)")
+        self.augment = aug_lib.make_train_augment(data_cfg, image_size=self.image_size,
+                                                  mean=self.mean, std=self.std)
+        self._cached = None
+        self.epoch, self.position = 0, 0
+        self._it = None
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
+                "position": self.position, "global_batch_size": self.global_batch_size,
+                "process_count": self.process_count, "dataset": str(self.cfg.dataset),
+                "split": str(self.cfg.train_split)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
+        for key, mine in (("global_batch_size", self.global_batch_size),
+                          ("process_count", self.process_count)):
+            if int(state[key]) != mine:
+                raise ValueError(f"iterator state has {key}={state[key]}, this run has {mine}: "
+                                 "the saved data position cannot be reproduced")
+        self.seed = int(state["seed"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._it = None
+
+    # -- data ----------------------------------------------------------------------------
+    def _encoded(self, epoch: int):
+        """(encoded image, label) in this epoch's shuffled order."""
+        tf = _tf()
+        file_seed = _seed_words(self.seed, epoch, self.process_index, 1)[0] % (2**31)
+        if self.cfg.get("cache"):
+            if self._cached is None:
+                self._cached = _read(self.cfg, self.builder, self.split, shuffle_seed=None).cache()
+            ds = self._cached
+        else:
+            ds = _read(self.cfg, self.builder, self.split, shuffle_seed=file_seed)
+        buf = int(self.cfg.shuffle_buffer)
+        if buf > 1:
+            ds = ds.shuffle(buf, seed=_seed_words(self.seed, epoch, self.process_index, 2)[0],
+                            reshuffle_each_iteration=False)
+        del tf
+        return ds
+
+    def _epoch_dataset(self, epoch: int, start_batch: int):
+        tf = _tf()
+        ds = self._encoded(epoch).enumerate()
+        if start_batch:
+            ds = ds.skip(start_batch * self.local_batch)   # before decoding: cheap
+        words = _seed_words(self.seed, epoch, self.process_index, 3)
+        base = tf.constant([words[0] % (2**62), words[1] % (2**62)], tf.int64)
+        augment = self.augment
+
+        def fn(i, ex):
+            encoded, label = ex
+            seed = base + tf.stack([tf.constant(0, tf.int64), i])
+            return {"image": augment(encoded, seed), "label": tf.cast(label, tf.int32)}
+
+        ds = ds.map(fn, num_parallel_calls=int(self.cfg.num_parallel_calls))
+        ds = ds.ignore_errors(log_warning=True)
+        ds = ds.batch(self.local_batch, drop_remainder=True)
+        return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(host batch, state after this batch)."""
+        while True:
+            if self._it is None:
+                self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            if self.position >= self.batches_per_epoch:
+                state = self.get_state()
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                state.update(epoch=self.epoch, position=0)
+            else:
+                state = self.get_state()
+            return batch, state
+
+
+def _label_sharding(sharding):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = tuple(sharding.spec)
+    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding, global_batch_size: int):
+    import jax
+
+    out = {}
+    lab = _label_sharding(sharding)
+    for k, v in batch.items():
+        sh = lab if v.ndim == 1 else sharding
+        try:
+            out[k] = jax.make_array_from_process_local_data(
+                sh, v, (global_batch_size, *v.shape[1:]))
+        except Exception as e:  # re-raised with the shapes that matter
+            raise ValueError(
+                f"cannot place host batch {k!r} of shape {v.shape} as a global batch of "
+                f"{global_batch_size} with sharding {sh}: the batch dimension must divide over "
+                f"the mesh's data axes ({e})") from None
+    return out
+
+
+class TrainIterator:
+    """Global training batches ``{'image': (B,S,S,3) f32, 'label': (B,) i32}`` on ``sharding``."""
+
+    def __init__(self, host: HostTrainStream, sharding, prefetch: int = 2):
+        self.host = host
+        self.sharding = sharding
+        self.prefetch = max(1, int(prefetch))
+        self._queue = collections.deque()
+        self._state = host.get_state()
+
+    def __iter__(self):
+        return self
+
+    def _fill(self):
+        while len(self._queue) < self.prefetch:
+            batch, state = next(self.host)
+            arrays = (_to_global(batch, self.sharding, self.host.global_batch_size)
+                      if self.sharding is not None else batch)
+            self._queue.append((arrays, state))
+
+    def __next__(self):
+        self._fill()
+        arrays, self._state = self._queue.popleft()
+        return arrays
+
+    def get_state(self) -> dict[str, Any]:
+        """Position after the last batch returned (JSON-serialisable)."""
+        return dict(self._state)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.host.set_state(state)
+        self._queue.clear()
+        self._state = self.host.get_state()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.host.batches_per_epoch
+
+
+def _check_image_size(image_size, what="image_size"):
+    if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise ValueError(f"{what} must be a positive int, got {image_size!r}")
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, image_size: int,
+                        mean: Sequence[float], std: Sequence[float], sharding, seed: int,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+    """Infinite, resumable stream of global training batches (remainder of each epoch dropped).
+
+    ``sharding``: a ``NamedSharding`` whose first dimension is the batch (labels use its first
+    spec entry); ``None`` yields host-local NumPy batches (tests / single-process tools).
+    """
+    _check_image_size(image_size)
+    host = HostTrainStream(data_cfg, global_batch_size=global_batch_size, image_size=image_size,
+                           mean=mean, std=std, seed=seed, process_index=process_index,
+                           process_count=process_count)
+    return TrainIterator(host, sharding, prefetch=int(data_cfg.get("prefetch_batches", 2)))
+
+
+class EvalIterable:
+    """One pass over the eval split per ``iter()``; batches carry ``mask`` (0 = padding)."""
+
+    def __init__(self, data_cfg, *, global_batch_size, image_size, crop_pct, mean, std,
+                 sharding, process_index=None, process_count=None, interpolation="bicubic"):
+        _check_image_size(image_size)
+        self.cfg = data_cfg
+        self.process_index, self.process_count = _process(process_index, process_count)
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch = _local_batch(self.global_batch_size, self.process_count)
+        self.builder = get_builder(data_cfg)
+        _check_features(data_cfg, self.builder)
+        self.eval_split = _eval_split(data_cfg, self.builder)
+        self.num_examples = _split_size(self.builder, self.eval_split, "eval_split")
+        self.split = process_split(self.eval_split, self.process_index, self.process_count,
+                                   drop_remainder=False)
+        per_process = math.ceil(self.num_examples / self.process_count)   # even_splits' largest
+        self.num_batches = max(1, math.ceil(per_process / self.local_batch))
+        self.kw = dict(image_size=int(image_size), crop_pct=float(crop_pct), mean=tuple(mean),
+                       std=tuple(std), interpolation=interpolation)
+        self.sharding = sharding
+        self.last_pass_count = None     # images (mask 1) seen by this process in the last pass
+
+    def __len__(self):
+        return self.num_batches
+
+    def host_dataset(self):
+        tf = _tf()
+        kw = self.kw
+        size = kw["image_size"]
+
+        def fn(encoded, label):
+            img = preprocess.eval_preprocess(preprocess.decode_image(encoded), **kw)
+            return {"image": img, "label": tf.cast(label, tf.int32),
+                    "mask": tf.constant(1.0, tf.float32)}
+
+        ds = _read(self.cfg, self.builder, self.split, shuffle_seed=None)
+        ds = ds.map(fn, num_parallel_calls=int(self.cfg.num_parallel_calls))
+        ds = ds.ignore_errors(log_warning=True)
+        pad = tf.data.Dataset.from_tensors({
+            "image": tf.zeros((size, size, 3), tf.float32), "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0.0, tf.float32)}).repeat()
+        ds = ds.concatenate(pad).take(self.num_batches * self.local_batch)
+        ds = ds.batch(self.local_batch, drop_remainder=True)
+        return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
+
+    def __iter__(self):
+        expected = int(self.builder.info.splits[self.split].num_examples)
+        seen = 0
+        for batch in self.host_dataset().as_numpy_iterator():
+            seen += int(np.sum(batch["mask"] > 0))
+            if self.sharding is None:
+                yield batch
+            else:
+                yield _to_global(batch, self.sharding, self.global_batch_size)
+        self.last_pass_count = seen
+        if seen < expected:
+            log.warning("eval split %r: %d of this process's %d images could not be decoded "
+                        "and were skipped", self.split, expected - seen, expected)
+
+
+def make_eval_iterator(data_cfg, *, global_batch_size: int, image_size: int, crop_pct: float,
+                       mean: Sequence[float], std: Sequence[float], sharding,
+                       process_index: int | None = None, process_count: int | None = None,
+                       interpolation: str = "bicubic") -> EvalIterable:
+    """One pass over the whole eval split: ``{'image', 'label', 'mask'}`` global batches, padded
+    (mask 0) so that every image counts exactly once and all processes yield the same count."""
+    return EvalIterable(data_cfg, global_batch_size=global_batch_size, image_size=image_size,
+                        crop_pct=crop_pct, mean=mean, std=std, sharding=sharding,
+                        process_index=process_index, process_count=process_count,
+                        interpolation=interpolation)

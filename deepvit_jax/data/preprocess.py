@@ -1,0 +1,110 @@
+"""Image decoding and the official evaluation transform, in TensorFlow (runs inside tf.data).
+
+`eval_preprocess` reproduces timm's evaluation transform used by the official DeepViT code
+(torchvision on PIL images): ``Resize(int(image_size / crop_pct), bicubic)`` on the shorter
+side, ``CenterCrop(image_size)``, ``ToTensor`` and ``Normalize(mean, std)``.
+
+PIL resizes with an anti-aliased (support-scaled) kernel when downsampling and returns uint8;
+``tf.image.resize(..., antialias=True)`` uses the same Keys cubic (a=-0.5) / triangle kernels
+with the same support scaling, and we round + clip to uint8 afterwards as PIL does.  Tests
+compare the result with PIL (tests/test_data_preprocess.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+_METHODS = {
+    "bicubic": tf.image.ResizeMethod.BICUBIC,
+    "bilinear": tf.image.ResizeMethod.BILINEAR,
+    "nearest": tf.image.ResizeMethod.NEAREST_NEIGHBOR,
+    "lanczos": tf.image.ResizeMethod.LANCZOS3,
+    "area": tf.image.ResizeMethod.AREA,
+}
+
+
+def _method(interpolation: str):
+    try:
+        return _METHODS[interpolation]
+    except KeyError:
+        raise ValueError(
+            f"interpolation={interpolation!r} is not one of {sorted(_METHODS)}") from None
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """(H, W, C) with C in {1, 2, 3, 4} -> (H, W, 3): grey is repeated, alpha dropped."""
+    c = tf.shape(image)[-1]
+    grey = tf.image.grayscale_to_rgb(image[..., :1])
+    return tf.cond(c < 3, lambda: grey, lambda: image[..., :3])
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, 3); also CMYK JPEGs, PNGs named .JPEG."""
+    img = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    img.set_shape([None, None, 3])
+    return img
+
+
+def resize_uint8(image: tf.Tensor, size: Sequence, interpolation: str = "bicubic") -> tf.Tensor:
+    """PIL-like resize of an image to ``size`` = (h, w); returns uint8 (rounded, clipped)."""
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method=_method(interpolation),
+                          antialias=interpolation not in ("nearest", "area"))
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def resize_shorter_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:
+    """torchvision ``Resize(size)``: shorter side -> size, longer -> int(size * long / short)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short = tf.minimum(h, w)
+    long = tf.maximum(h, w)
+    new_long = tf.cast(tf.math.floor(tf.cast(size, tf.float64) * tf.cast(long, tf.float64)
+                                     / tf.cast(short, tf.float64)), tf.int32)
+    new_h = tf.where(h <= w, size, new_long)
+    new_w = tf.where(h <= w, new_long, size)
+    return resize_uint8(image, tf.stack([new_h, new_w]), interpolation)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """torchvision ``CenterCrop``: offsets int(round((H - size) / 2)) (round half to even, as
+    Python's round; tf.round rounds half to even too)."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """uint8 -> float32 (x / 255 - mean) / std."""
+    x = tf.cast(image, tf.float32) / 255.0
+    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def eval_resize_crop(image: tf.Tensor, *, image_size: int, crop_pct: float,
+                     interpolation: str = "bicubic") -> tf.Tensor:
+    """The uint8 part of the eval transform: shorter side -> int(size / crop_pct), centre crop."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    scale_size = int(image_size / crop_pct)
+    image = to_rgb(tf.convert_to_tensor(image))
+    image = resize_shorter_side(image, scale_size, interpolation)
+    image = center_crop(image, image_size)
+    image.set_shape([image_size, image_size, 3])
+    return image
+
+
+def eval_preprocess(image, *, image_size: int, crop_pct: float, mean: Sequence[float],
+                    std: Sequence[float], interpolation: str = "bicubic") -> tf.Tensor:
+    """Official evaluation transform of one uint8 (H, W, C) image -> float32 (S, S, 3)."""
+    image = tf.convert_to_tensor(image)
+    if image.dtype != tf.uint8:
+        raise ValueError(f"eval_preprocess expects a uint8 (H, W, C) image, got {image.dtype}")
+    if image.shape.rank is not None and image.shape.rank != 3:
+        raise ValueError(f"eval_preprocess expects an (H, W, C) image, got shape {image.shape}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean/std must have 3 values, got mean={mean}, std={std}")
+    image = eval_resize_crop(image, image_size=image_size, crop_pct=crop_pct,
+                             interpolation=interpolation)
+    return normalize(image, mean, std)

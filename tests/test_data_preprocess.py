@@ -1,0 +1,56 @@
+"""Official eval transform against PIL + torchvision's Resize/CenterCrop arithmetic."""
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from deepvit_jax.data.preprocess import eval_preprocess, eval_resize_crop
+
+
+def _pil_reference(img, size, crop_pct):
+    pil = Image.fromarray(img)
+    w, h = pil.size
+    s = int(size / crop_pct)
+    if w <= h:
+        nw, nh = s, int(s * h / w)
+    else:
+        nh, nw = s, int(s * w / h)
+    r = np.asarray(pil.resize((nw, nh), Image.BICUBIC)).astype(np.float64)
+    top, left = round((nh - size) / 2), round((nw - size) / 2)
+    return r[top:top + size, left:left + size]
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+@pytest.mark.parametrize("size,crop_pct", [(224, 0.9), (64, 0.875), (96, 1.0)])
+def test_eval_resize_crop_matches_pil(name, size, crop_pct):
+    img = getattr(skimage.data, name)()
+    ref = _pil_reference(img, size, crop_pct)
+    out = eval_resize_crop(img, image_size=size, crop_pct=crop_pct).numpy().astype(np.float64)
+    d = np.abs(out - ref)
+    assert out.shape == (size, size, 3)
+    assert d.mean() < 0.3 and np.percentile(d, 99) <= 1.0
+
+
+def test_eval_preprocess_normalises_and_handles_grey():
+    img = skimage.data.chelsea()
+    x = eval_preprocess(img, image_size=64, crop_pct=0.9, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ref = (_pil_reference(img, 64, 0.9) / 255.0 - 0.5) / 0.5
+    assert x.dtype.name == "float32" and x.shape == (64, 64, 3)
+    assert np.abs(x.numpy() - ref).mean() < 0.3 / 127.5
+    grey = skimage.data.camera()[:, :, None]
+    g = eval_preprocess(grey, image_size=32, crop_pct=1.0, mean=(0.485, 0.456, 0.406),
+                        std=(0.229, 0.224, 0.225)).numpy()
+    assert g.shape == (32, 32, 3)
+    # the three channels come from the same grey values, normalised per channel
+    raw = g * np.array([0.229, 0.224, 0.225]) + np.array([0.485, 0.456, 0.406])
+    np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
+
+
+def test_eval_preprocess_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        eval_preprocess(np.zeros((8, 8, 3), np.float32), image_size=8, crop_pct=1.0,
+                        mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match="crop_pct"):
+        eval_preprocess(np.zeros((8, 8, 3), np.uint8), image_size=8, crop_pct=1.5,
+                        mean=(0.5,) * 3, std=(0.5,) * 3)
