@@ -1,0 +1,245 @@
+"""Model files: weights (Orbax) + the model's config (JSON), read back with no other argument.
+
+Layout of a model directory written by :func:`save_model`::
+
+    PATH/
+      config.json   {"format": "deepvit-jax-model", "version": 1, "config": ModelConfig.to_dict()}
+      state/        Orbax StandardCheckpointer tree of the nnx.Param and nnx.BatchStat state
+
+The directory is written under a temporary name and renamed into place at the end, so an
+interrupted save never leaves a half-written ``PATH``. The same format is read by
+:func:`load_model` (ready module), :func:`load_model_state` (config + state, for the training
+loop's ``init_from``), ``python -m deepvit_jax.predict`` and the PyTorch converter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from typing import Any
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepvit_jax.models.deepvit import DeepViT, ModelConfig
+
+FORMAT = "deepvit-jax-model"
+VERSION = 1
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a model file holds; RNG streams are not saved
+
+Path = tuple  # a state path, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
+
+
+class ModelFileError(ValueError):
+    """A model directory is missing, incomplete or does not match its config."""
+
+
+def path_str(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# --------------------------------------------------------------------------------------
+# Building a module from arrays (shared with the PyTorch converter)
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(cfg: ModelConfig) -> DeepViT:
+    # Tracing the constructor takes seconds for the 32-block models: do it once per config.
+    return nnx.eval_shape(lambda: DeepViT(cfg, rngs=nnx.Rngs(0)))
+
+
+def abstract_split(cfg: ModelConfig):
+    """(graphdef, abstract weight state, abstract rest state) of the model ``cfg`` describes,
+    without allocating or initialising any parameter (``nnx.eval_shape``). The states are
+    fresh copies: filling them never touches the cached abstract model."""
+    return nnx.split(nnx.clone(_abstract_model(cfg)), WEIGHTS, ...)
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[Path, tuple[tuple[int, ...], type]]:
+    """Every weight of the model ``cfg`` describes: path -> (shape, Param or BatchStat)."""
+    _, weights, _ = abstract_split(cfg)
+    return {tuple(p): (tuple(v.get_value().shape), type(v))
+            for p, v in nnx.to_flat_state(weights)}
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = value
+    return out
+
+
+def model_from_arrays(cfg: ModelConfig, arrays: Mapping[Path, Any], *, seed: int = 0,
+                      what: str = "weights") -> DeepViT:
+    """A ready :class:`DeepViT` (eval mode) whose weights are ``arrays`` (path -> array).
+
+    Built from ``nnx.eval_shape`` so no random initialisation runs (that alone takes seconds
+    for the 32-block models); the dropout RNG streams get fresh keys derived from ``seed``.
+    ``arrays`` must hold exactly the model's weights with their shapes.
+    """
+    graphdef, weights, rest = abstract_split(cfg)
+    expected = {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(weights)}
+    missing = sorted(path_str(p) for p in expected if p not in arrays)
+    unexpected = sorted(path_str(p) for p in arrays if p not in expected)
+    mismatched = [f"{path_str(p)}: got {tuple(np.shape(a))}, model expects {expected[p]}"
+                  for p, a in arrays.items() if p in expected and tuple(np.shape(a)) != expected[p]]
+    if missing or unexpected or mismatched:
+        raise ModelFileError(describe_problems(
+            f"{what} do not match model {cfg.name!r}", missing=missing,
+            unexpected=unexpected, mismatched=mismatched))
+    nnx.replace_by_pure_dict(weights, _nest({p: jnp.asarray(a, jnp.float32)
+                                             for p, a in arrays.items()}))
+    # Fresh, distinct dropout streams (what DeepViT(cfg, rngs=nnx.Rngs(seed)) would hold in
+    # spirit): one key per stream folded from the seed, counts at zero.
+    rest_flat = list(nnx.to_flat_state(rest))
+    base = jax.random.key(seed)
+    fill = {}
+    for i, (p, v) in enumerate(rest_flat):
+        sds = v.get_value()
+        if isinstance(v, nnx.RngKey):
+            fill[tuple(p)] = jax.random.fold_in(base, i)
+        else:
+            fill[tuple(p)] = jnp.zeros(sds.shape, sds.dtype)
+    if fill:
+        nnx.replace_by_pure_dict(rest, _nest(fill))
+    model = nnx.merge(graphdef, weights, rest)
+    model.eval()
+    return model
+
+
+def model_arrays(model: nnx.Module) -> dict[Path, np.ndarray]:
+    """The model's weights (params + BatchNorm statistics) as path -> numpy array."""
+    return {tuple(p): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
+
+
+def describe_problems(title: str, *, missing=(), unexpected=(), mismatched=(), hint: str = "",
+                      limit: int = 25) -> str:
+    """One readable message listing offending keys (each list cut at ``limit``)."""
+    lines = [title + ":"]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        items = list(items)
+        if not items:
+            continue
+        lines.append(f"  {len(items)} {label}:")
+        lines += [f"    {k}" for k in items[:limit]]
+        if len(items) > limit:
+            lines.append(f"    ... and {len(items) - limit} more")
+    if hint:
+        lines.append(hint)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Write ``model`` (weights + BatchNorm statistics + its ModelConfig) to directory ``path``.
+
+    Written to ``path + '.partial'`` first and renamed at the end. Refuses to replace an
+    existing ``path`` unless ``overwrite``. Returns the absolute path.
+    """
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"save_model needs a DeepViT (with a .config ModelConfig), "
+                        f"got {type(model).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    tmp = path + ".partial"
+    if jax.process_index() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        ckptr = _checkpointer()
+        ckptr.save(os.path.join(tmp, STATE_DIR), nnx.state(model, WEIGHTS))
+        ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
+                          indent=2)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+    except BaseException:
+        if jax.process_index() == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored in model directory ``path``."""
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise ModelFileError(f"{path}: no such model directory (expected {CONFIG_FILE} and "
+                             f"{STATE_DIR}/ written by deepvit_jax.checkpoint.save_model)")
+    if not os.path.isfile(cfg_file):
+        raise ModelFileError(f"{path}: no {CONFIG_FILE}; not a model directory written by "
+                             f"save_model (a PyTorch file? use python -m deepvit_jax.convert)")
+    try:
+        with open(cfg_file) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{cfg_file}: unreadable ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise ModelFileError(f"{cfg_file}: not a {FORMAT} config (keys {sorted(meta)[:10]})"
+                             if isinstance(meta, dict) else f"{cfg_file}: not a JSON object")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ModelFileError(f"{cfg_file}: format version {meta['version']} is newer than "
+                             f"this deepvit-jax reads ({VERSION})")
+    try:
+        return ModelConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{cfg_file}: invalid model config: {e}") from e
+
+
+def load_model_state(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
+                     ) -> tuple[ModelConfig, nnx.State]:
+    """(ModelConfig, nnx.State of params + BatchNorm statistics) stored in ``path``.
+
+    Every array is placed with ``sharding`` (default: the first local device). The training
+    loop's ``init_from`` merges this state into its freshly built model with ``nnx.update``.
+    """
+    cfg = read_config(path)
+    _, weights, _ = abstract_split(cfg)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          weights)
+    state_dir = os.path.join(os.path.abspath(os.fspath(path)), STATE_DIR)
+    if not os.path.isdir(state_dir):
+        raise ModelFileError(f"{path}: no {STATE_DIR}/ directory (incomplete model directory)")
+    try:
+        restored = _checkpointer().restore(state_dir, target)
+    except Exception as e:  # Orbax raises several types for structure/shape mismatches
+        raise ModelFileError(f"{state_dir}: cannot restore the weights of {cfg.name!r} "
+                             f"({type(e).__name__}: {e})") from e
+    return cfg, restored
+
+
+def load_model(path: str | os.PathLike) -> DeepViT:
+    """The model stored in ``path`` as a ready ``nnx.Module`` in eval mode."""
+    cfg, state = load_model_state(path)
+    arrays = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    return model_from_arrays(cfg, arrays, what=f"weights in {path}")

@@ -1,0 +1,141 @@
+"""Convert PyTorch DeepViT / ViT weights to a deepvit-jax model directory, and back.
+
+Examples:
+  # official DeepViT-S release -> JAX model directory
+  python -m deepvit_jax.convert DViT_82_16b.pth.tar --model deepvit_s --out ckpt/deepvit_s
+  # the EMA weights of a timm training checkpoint
+  python -m deepvit_jax.convert last.pth.tar --model deepvit_16b --ema --out ckpt/dvit16_ema
+  # DeepViT-L weights fine-tuned at 384 px (pos_embed resampled 14x14 -> 24x24)
+  python -m deepvit_jax.convert DViT_83_32b.pth.tar --model deepvit_l_384 --out ckpt/l384
+  # a vit-pytorch DeepViT (sizes read from the file; pooling cannot be)
+  python -m deepvit_jax.convert deepvit.pt --source vit-pytorch --pool mean --out ckpt/vp
+  # a timm DeiT-S into a DeepViT with identity Re-attention on blocks 6-11
+  python -m deepvit_jax.convert deit_small.pth --source timm --num-heads 6 \\
+      --reattn-blocks 6-11 --out ckpt/deit_s_reattn
+  # a JAX model directory -> PyTorch (official key layout), .pth or .safetensors
+  python -m deepvit_jax.convert ckpt/deepvit_s --to-pytorch deepvit_s.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _blocks(spec: str) -> tuple[int, ...]:
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return ()
+    out: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out += range(int(a), int(b) + 1)
+        else:
+            out.append(int(part))
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from deepvit_jax.models.registry import VARIANTS
+
+    p = argparse.ArgumentParser(
+        prog="python -m deepvit_jax.convert",
+        description="Convert PyTorch DeepViT/ViT weights (official dvit_repo / timm training "
+                    "files, vit-pytorch, timm ViT/DeiT) into a deepvit-jax model directory "
+                    "(Orbax weights + config.json, read by deepvit_jax.checkpoint.load_model "
+                    "and predict), or a deepvit-jax model directory back into a PyTorch "
+                    "state dict.",
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="PyTorch checkpoint (.pth, .pth.tar, .pt, .safetensors) or a "
+                               "deepvit-jax model directory (with --to-pytorch)")
+    p.add_argument("--out", help="write the converted model to this directory")
+    p.add_argument("--to-pytorch", metavar="FILE",
+                   help="also/instead write a PyTorch state dict (.pth, or .safetensors by "
+                        "extension) in the official key layout (see --layout)")
+    p.add_argument("--model", help=f"target variant: {', '.join(VARIANTS)} (or an official "
+                                   "entrypoint name). Default: recognised from the file")
+    p.add_argument("--source", default="auto",
+                   choices=("auto", "official", "vit-pytorch", "timm"),
+                   help="key layout of SRC (default: detected)")
+    p.add_argument("--ema", action="store_true",
+                   help="use the EMA weights (state_dict_ema) of a timm training checkpoint")
+    p.add_argument("--image-size", type=int,
+                   help="target image size; the position embedding is resampled (bicubic, "
+                        "class token kept) when its token grid differs")
+    p.add_argument("--num-classes", type=int, help="override the number of classes")
+    p.add_argument("--num-heads", type=int, help="timm: heads per block (not in the file)")
+    p.add_argument("--reattn-blocks", type=_blocks, metavar="SPEC",
+                   help="timm: 0-based blocks that get identity Re-attention, e.g. 6-11 or "
+                        "0,2,4 (default none: a plain ViT)")
+    p.add_argument("--pool", choices=("cls", "mean"),
+                   help="vit-pytorch: the model's pooling (not in the file; default cls)")
+    p.add_argument("--layout", choices=("official", "vit-pytorch"),
+                   help="key layout for --to-pytorch (default: official, or vit-pytorch for "
+                        "a model converted from vit-pytorch)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return p
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from deepvit_jax.checkpoint import ModelFileError, load_model, save_model
+    from deepvit_jax.convert.pytorch import (ConversionError, from_pytorch, save_pytorch,
+                                             to_pytorch)
+
+    if not args.out and not args.to_pytorch:
+        return _err("nothing to write: give --out DIR and/or --to-pytorch FILE")
+    for target in (args.out, args.to_pytorch):
+        if target and os.path.exists(target) and not args.overwrite:
+            return _err(f"{target} already exists (use --overwrite to replace it)")
+    is_jax_dir = os.path.isdir(args.src)
+    t0 = time.time()
+
+    def step(msg):
+        print(f"[{time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        if is_jax_dir:
+            if args.out:
+                return _err(f"{args.src} is a deepvit-jax model directory: convert it with "
+                            "--to-pytorch FILE (--out is for PyTorch sources)")
+            step(f"loading {args.src}")
+            model = load_model(args.src)
+        else:
+            overrides = {k: v for k, v in (("num_classes", args.num_classes),
+                                           ("num_heads", args.num_heads),
+                                           ("reattn_blocks", args.reattn_blocks),
+                                           ("pool", args.pool)) if v is not None}
+            step(f"reading {args.src} ({os.path.getsize(args.src) / 2**20:.1f} MiB)"
+                 if os.path.isfile(args.src) else f"reading {args.src}")
+            model = from_pytorch(args.src, model=args.model, source=args.source,
+                                 ema=args.ema, image_size=args.image_size, **overrides)
+            cfg = model.config
+            step(f"converted to {cfg.name}: depth {cfg.depth}, dim {cfg.embed_dim}, "
+                 f"{cfg.num_heads} heads, image {cfg.image_size}, {cfg.num_classes} classes, "
+                 f"re-attention blocks {list(cfg.reattn_indices)}")
+        state_dict = to_pytorch(model, layout=args.layout) if args.to_pytorch else None
+        if args.out:
+            step(f"writing {args.out}")
+            save_model(model, args.out, overwrite=args.overwrite)
+        if state_dict is not None:
+            step(f"writing {args.to_pytorch} ({len(state_dict)} tensors)")
+            save_pytorch(state_dict, args.to_pytorch)
+    except (ConversionError, ModelFileError, ValueError, FileExistsError, OSError) as e:
+        return _err(str(e))
+    step("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Classify images with a saved model: top-5 ImageNet classes, or raw logits to a .npy file.
+
+  python -m deepvit_jax.predict --checkpoint ckpt/deepvit_s cat.jpg dog.png
+  python -m deepvit_jax.predict --checkpoint ckpt/deepvit_s batch.npy --output logits.npy
+
+Image files get the official evaluation transform of the model's config
+(``deepvit_jax.data.preprocess.eval_preprocess``: bicubic resize of the shorter side to
+int(image_size / crop_pct), centre crop, normalise with the config's mean / std; 248 -> 224
+with mean = std = 0.5 for the 224-px models, crop 1.0 at 384 px). A ``.npy`` input is a batch
+of already preprocessed float NHWC images of the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from importlib import resources
+from collections.abc import Sequence
+
+import numpy as np
+
+CLASSES_FILE = "imagenet_classes.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """The 1000 ImageNet-1k classes in label order as (WordNet id, name) pairs."""
+    text = resources.files("deepvit_jax").joinpath(CLASSES_FILE).read_text(encoding="utf-8")
+    rows = [ln.split("\t") for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return tuple((wnid, lemmas.split(", ")[0]) for wnid, lemmas in rows)
+
+
+def class_names(num_classes: int, names_file: str | None = None) -> list[str]:
+    """Display names: from ``names_file`` (one per line), ImageNet's for 1000 classes,
+    else 'class i'."""
+    if names_file:
+        with open(names_file, encoding="utf-8") as f:
+            names = [ln.strip() for ln in f if ln.strip()]
+        if len(names) != num_classes:
+            raise ValueError(f"{names_file}: {len(names)} names for a model with "
+                             f"{num_classes} classes")
+        return names
+    if num_classes == 1000:
+        return [f"{name} ({wnid})" for wnid, name in imagenet_classes()]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
+    """Image files (any format TensorFlow decodes) and/or .npy batches -> float32 NHWC batch
+    of the model's size, with one label per row for printing."""
+    import tensorflow as tf
+
+    from deepvit_jax.data.preprocess import decode_image, eval_preprocess
+
+    want = (cfg.image_size, cfg.image_size, 3)
+    batches, labels = [], []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file")
+        if path.endswith(".npy"):
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{path}: not a readable .npy file ({e})") from e
+            if arr.ndim == 3:
+                arr = arr[None]
+            if arr.ndim != 4 or arr.shape[1:] != want or not np.issubdtype(arr.dtype,
+                                                                          np.floating):
+                raise ValueError(
+                    f"{path}: expected preprocessed float images of shape (N, {want[0]}, "
+                    f"{want[1]}, 3) for model {cfg.name!r}, got {arr.dtype} {arr.shape}")
+            batches.append(arr.astype(np.float32))
+            labels += [f"{path}[{i}]" for i in range(arr.shape[0])]
+            continue
+        try:
+            image = decode_image(tf.io.read_file(path))
+        except tf.errors.OpError as e:
+            raise ValueError(f"{path}: not a decodable image ({e.message.splitlines()[0]})") \
+                from e
+        x = eval_preprocess(image, image_size=cfg.image_size, crop_pct=cfg.crop_pct,
+                            mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation)
+        batches.append(x.numpy()[None])
+        labels.append(path)
+    return np.concatenate(batches, axis=0), labels
+
+
+def predict_logits(model, images: np.ndarray, *, batch_size: int = 32,
+                   progress: bool = False) -> np.ndarray:
+    """float32 logits (N, num_classes) of ``model`` (eval mode) for an NHWC batch."""
+    from flax import nnx
+    from tqdm import tqdm
+
+    model.check_input(images[:1])
+    model.eval()
+    fwd = nnx.jit(lambda m, x: m(x))
+    starts = range(0, len(images), batch_size)
+    out = []
+    for s in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
+        chunk = images[s:s + batch_size]
+        n = len(chunk)
+        if n < batch_size and len(images) > batch_size:  # pad: one compiled shape
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]),
+                                                    chunk.dtype)])
+        out.append(np.asarray(fwd(model, chunk))[:n])
+    return np.concatenate(out, axis=0)
+
+
+def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, softmax probabilities), each (N, k), best first."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(p, idx, axis=-1)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    path = os.path.abspath(path)
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m deepvit_jax.predict",
+        description="Top-k classes (with ImageNet names for 1000-class models) for image "
+                    "files, or a .npy batch of preprocessed NHWC images, using a model "
+                    "directory written by deepvit_jax (save_model / the convert CLI / "
+                    "training).", epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model directory (config.json + state/)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, GIF, BMP) and/or .npy batches")
+    p.add_argument("--output", help="save the raw logits (N, num_classes) to this .npy file")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--class-names", help="text file with one class name per line "
+                                         "(default: ImageNet names for 1000 classes)")
+    args = p.parse_args(argv)
+
+    from deepvit_jax.checkpoint import ModelFileError, load_model
+
+    try:
+        model = load_model(args.checkpoint)
+        cfg = model.config
+        names = class_names(cfg.num_classes, args.class_names)
+        images, labels = load_inputs(args.inputs, cfg)
+        logits = predict_logits(model, images, batch_size=args.batch_size, progress=True)
+        if args.output:
+            _save_npy(args.output, logits)
+    except (ModelFileError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    idx, prob = top_k(logits, min(args.top_k, cfg.num_classes))
+    for label, ii, pp in zip(labels, idx, prob, strict=True):
+        print(f"{label}:")
+        for rank, (i, q) in enumerate(zip(ii, pp, strict=True), 1):
+            print(f"  {rank}. {q:6.2%}  {names[i]}  [{i}]")
+    if args.output:
+        print(f"logits {logits.shape} saved to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
