@@ -1,0 +1,1 @@
+"""Training: state, steps, loop, checkpoints (see loop.train_and_evaluate)."""

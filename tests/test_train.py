@@ -1,0 +1,202 @@
+"""Optimizer, schedule, losses, EMA and the train / eval steps, against independent
+references (PyTorch for the losses, the timm formulas written out, plain arithmetic)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from deepvit_jax import get_config
+from deepvit_jax.parallel import path_str
+from deepvit_jax.train import state as state_lib
+from deepvit_jax.train import step as step_lib
+
+TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=10)
+
+
+def _opt_cfg(**kw):
+    base = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0,
+                grad_accum_steps=1)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _plain_mix(key, images, labels, *, num_classes, label_smoothing, **_):
+    return images, optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+
+def _batch(n=8, seed=0, size=16):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"image": jax.random.normal(k1, (n, size, size, 3)),
+            "label": jax.random.randint(k2, (n,), 0, 10)}
+
+
+def test_weight_decay_mask_is_the_official_one():
+    cfg = get_config("deepvit_16b", **TINY)
+    params = nnx.state(state_lib.build_model(cfg, 0), nnx.Param)
+    mask = {path_str(p): bool(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(step_lib.weight_decay_mask(params))[0]}
+    shapes = {path_str(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for key, decay in mask.items():
+        name = key.split("/")[-1]
+        expected = len(shapes[key]) >= 2 and name not in ("pos_embed", "cls_token")
+        assert decay == expected, key
+    assert mask["blocks/0/attn/reattn_weight"] is True  # Theta (H, H) is decayed
+    assert mask["pos_embed"] is False and mask["cls_token"] is False
+    assert mask["blocks/0/attn/reattn_bias"] is False
+    assert mask["blocks/0/attn/reattn_norm/scale"] is False
+    assert mask["patch_embed/proj/kernel"] is True
+
+
+def test_adamw_decay_follows_mask():
+    # With zero gradients Adam's update is 0, so only decoupled weight decay moves params:
+    # p <- p - lr * wd * p where the mask is True, unchanged elsewhere.
+    cfg = get_config("deepvit_16b", **TINY)
+    params = nnx.state(state_lib.build_model(cfg, 0), nnx.Param)
+    tx = step_lib.make_optimizer(_opt_cfg(weight_decay=0.5), lambda _: 0.1)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["pos_embed"].value, params["pos_embed"].value)
+    np.testing.assert_allclose(new["blocks"][0]["attn"]["reattn_weight"].value,
+                               params["blocks"][0]["attn"]["reattn_weight"].value * 0.95,
+                               rtol=1e-6)
+
+
+def test_schedule_is_timm_cosine():
+    sched = step_lib.cosine_schedule(base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5,
+                                     warmup_steps=5, decay_steps=100)
+
+    def timm(t):  # CosineLRScheduler(t_initial=100, warmup_t=5), warmup_prefix=False
+        if t < 5:
+            return 1e-6 + t * (1e-3 - 1e-6) / 5
+        if t >= 100:
+            return 1e-5
+        return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 100))
+
+    for t in (0, 1, 4, 5, 6, 50, 99, 100, 105):
+        np.testing.assert_allclose(float(sched(t)), timm(t), rtol=1e-5, err_msg=str(t))
+
+
+def test_soft_target_cross_entropy_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 10)).astype(np.float32)
+    targets = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+    ref = torch.sum(-torch.tensor(targets) * torch.log_softmax(torch.tensor(logits), -1),
+                    -1).mean()
+    got = step_lib.soft_target_cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+
+
+def test_cosine_regulariser_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    maps = [rng.normal(size=(2, 4, 5, 5)).astype(np.float32) for _ in range(15)]
+    cos = torch.nn.CosineSimilarity(dim=1)
+    ref = np.mean([cos(torch.tensor(maps[i]), torch.tensor(maps[i + 1])).mean().item()
+                   for i in range(12)])
+    got = step_lib.cosine_regulariser([jnp.asarray(m) for m in maps], 12)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+    # Fewer blocks than pairs: all consecutive pairs.
+    ref3 = np.mean([cos(torch.tensor(maps[i]), torch.tensor(maps[i + 1])).mean().item()
+                    for i in range(2)])
+    np.testing.assert_allclose(float(step_lib.cosine_regulariser(
+        [jnp.asarray(m) for m in maps[:3]], 12)), ref3, rtol=1e-5)
+
+
+def _setup(ema=0.0, accum=1, reg=0.0, model="deepvit_16b", **kw):
+    cfg = get_config(model, **{**TINY, **kw})
+    sched = step_lib.cosine_schedule(base_lr=1e-3, warmup_lr=1e-3, min_lr=1e-3,
+                                     warmup_steps=0, decay_steps=10)
+    tx = step_lib.make_optimizer(_opt_cfg(grad_accum_steps=accum), sched)
+    md = state_lib.make_model_def(cfg)
+    st, rest = jax.jit(lambda: state_lib.init_state(cfg, tx, 0, ema=ema > 0))()
+    sc = step_lib.StepConfig(num_classes=10, label_smoothing=0.1, ema_decay=ema,
+                             grad_accum_steps=accum, cosine_reg_weight=reg)
+    step = jax.jit(step_lib.make_train_step(md, tx, sched, sc, _plain_mix))
+    return md, st, rest, step
+
+
+def test_train_step_ema_covers_params_and_batch_stats():
+    md, st0, rest, step = _setup(ema=0.9)
+    st1, m = step(st0, rest, _batch())
+    assert st1.batch_stats  # re-attention BatchNorm statistics exist and moved
+    for ema, old, new in ((st1.ema_params, st0.params, st1.params),
+                          (st1.ema_batch_stats, st0.batch_stats, st1.batch_stats)):
+        for e, o, n in zip(jax.tree.leaves(ema), jax.tree.leaves(old), jax.tree.leaves(new)):
+            np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5, atol=1e-7)
+    moved = [not np.allclose(o, n) for o, n in
+             zip(jax.tree.leaves(st0.batch_stats), jax.tree.leaves(st1.batch_stats))]
+    assert all(moved)
+    assert int(st1.step) == 1 and np.isfinite(float(m["train/loss"]))
+
+
+def test_gradient_accumulation_equals_large_batch():
+    # A model without BatchNorm (plain ViT): 2 accumulated micro-batches of 4 == 1 step on 8.
+    b = _batch(8)
+    _, st, rest, step1 = _setup(model="vit_16b")
+    big, _ = step1(st, rest, b)
+    _, st, rest, step2 = _setup(model="vit_16b", accum=2)
+    half = [{k: v[:4] for k, v in b.items()}, {k: v[4:] for k, v in b.items()}]
+    mid, _ = step2(st, rest, half[0])
+    # After the first micro-batch nothing is applied yet.
+    for a, c in zip(jax.tree.leaves(mid.params), jax.tree.leaves(st.params)):
+        np.testing.assert_array_equal(a, c)
+    acc, _ = step2(mid, rest, half[1])
+    for a, c in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)  # lr = 1e-3
+
+
+def test_cosine_regulariser_enters_the_loss():
+    md, st, rest, step = _setup(reg=0.1)
+    _, m = step(st, rest, _batch())
+    np.testing.assert_allclose(float(m["train/loss"]),
+                               float(m["train/ce"]) + 0.1 * float(m["train/cosine_reg"]),
+                               rtol=1e-6)
+    # Independent check of the regulariser value from the model's own attention maps.
+    model = md.merge(st.params, st.batch_stats, rest, train=True)
+    _, maps = model(_batch()["image"], return_attention=True)
+    np.testing.assert_allclose(float(m["train/cosine_reg"]),
+                               float(step_lib.cosine_regulariser(maps, 12)), rtol=1e-5)
+
+
+def test_eval_step_counts_masked_top1_top5():
+    md, st, rest, _ = _setup()
+    b = _batch(8)
+    model = md.merge(st.params, st.batch_stats, rest, train=False)
+    logits = np.asarray(model(b["image"]))
+    labels = np.asarray(b["label"])
+    mask = np.array([1, 1, 1, 1, 1, 0, 0, 1], np.float32)
+    order = np.argsort(-logits, axis=1)
+    top1 = ((order[:, 0] == labels) * mask).sum()
+    top5 = ((order[:, :5] == labels[:, None]).any(1) * mask).sum()
+    out = jax.jit(step_lib.make_eval_step(md))(st.params, st.batch_stats, rest,
+                                               dict(b, mask=jnp.asarray(mask)))
+    assert float(out["count"]) == 6
+    assert float(out["top1"]) == top1 and float(out["top5"]) == top5
+
+
+def test_dropout_randomness_depends_on_step_only():
+    # Same state and batch -> same result (resumable); different step -> different draw.
+    _, st, rest, step = _setup(drop_path_rate=0.5)
+    a, _ = step(st, rest, _batch())
+    b, _ = step(st, rest, _batch())
+    c, _ = step(st.replace(step=st.step + 1), rest, _batch())
+    leaf = lambda s: np.asarray(s.params["head"]["kernel"].value)  # noqa: E731
+    np.testing.assert_array_equal(leaf(a), leaf(b))
+    assert not np.allclose(leaf(a), leaf(c))
+
+
+def test_resize_pos_embed_keeps_cls_and_grid():
+    pos = np.random.default_rng(0).normal(size=(1, 1 + 4 * 4, 8)).astype(np.float32)
+    out = state_lib.resize_pos_embed(pos, 1 + 8 * 8)
+    assert out.shape == (1, 65, 8)
+    np.testing.assert_array_equal(out[:, 0], pos[:, 0])
+    same = state_lib.resize_pos_embed(pos, 17)
+    np.testing.assert_allclose(same, pos, atol=1e-5)
