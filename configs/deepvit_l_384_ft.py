@@ -1,6 +1,7 @@
 """ImageNet-1k: fine-tune DeepViT-L at 384 px from a 224-px DeepViT-L checkpoint.
 
-    python -m deepvit_jax.main --config configs/deepvit_l_384_ft.py --workdir runs/deepvit_l_384_ft \
+    python -m deepvit_jax.main --config configs/deepvit_l_384_ft.py \
+        --workdir runs/deepvit_l_384_ft \
         --config.init_from=PATH_TO_DEEPVIT_L_224_MODEL
 
 PATH is a model directory written by `deepvit_jax.checkpoint.save_model` (e.g. the converted
@@ -20,7 +21,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from configs import common
 
 
 def get_config():

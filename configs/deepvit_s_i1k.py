@@ -18,7 +18,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from configs import common
 
 
 def get_config():

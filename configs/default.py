@@ -6,15 +6,16 @@ Sized for a laptop: 2 CPU cores, no accelerator, no download (the 1797 digits sh
 scikit-learn; 1437 train / 360 held-out test images, upscaled to 32x32). Trains in a few
 minutes to >= 95% top-1 on the held-out split. A 4-block DeepViT (Re-attention in every
 block, 64-d, 4 heads, 8x8-px patches), the official optimizer (AdamW, warm-up + cosine,
-weight-decay mask) without mixup / RandAugment (they destroy 8x8 digits), no EMA (best checkpoint by top-1).
+weight-decay mask) without mixup / RandAugment (they destroy 8x8 digits), no EMA
+(best checkpoint by top-1).
 """
 
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
-from deepvit_jax.data.config import digits_data_config  # noqa: E402
+from configs import common
+from deepvit_jax.data.config import digits_data_config
 
 
 def get_config():

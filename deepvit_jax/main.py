@@ -25,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
 _COORD = flags.DEFINE_string("coordinator_address", "",
                              "host:port of process 0 for multi-process runs outside TPU/SLURM.")
-_NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
+_NPROC = flags.DEFINE_integer("num_processes", 0,
+                             "Number of processes (with --coordinator_address).")
 _PID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -208,7 +208,7 @@ def test_two_process_run(tmp_path, data_dir):
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     rows = _metrics(tmp_path)  # written by process 0 only: one row per step, no duplicates
     train_steps = [r["step"] for r in rows if "train/loss" in r]

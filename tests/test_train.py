@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from deepvit_jax import get_config
+from deepvit_jax.models.deepvit import resample_pos_embed
 from deepvit_jax.parallel import path_str
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
@@ -62,9 +63,9 @@ def test_adamw_decay_follows_mask():
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(new["pos_embed"].value, params["pos_embed"].value)
-    np.testing.assert_allclose(new["blocks"][0]["attn"]["reattn_weight"].value,
-                               params["blocks"][0]["attn"]["reattn_weight"].value * 0.95,
+    np.testing.assert_allclose(new["pos_embed"][...], params["pos_embed"][...])
+    np.testing.assert_allclose(new["blocks"][0]["attn"]["reattn_weight"][...],
+                               params["blocks"][0]["attn"]["reattn_weight"][...] * 0.95,
                                rtol=1e-6)
 
 
@@ -124,15 +125,16 @@ def _setup(ema=0.0, accum=1, reg=0.0, model="deepvit_16b", **kw):
 
 
 def test_train_step_ema_covers_params_and_batch_stats():
-    md, st0, rest, step = _setup(ema=0.9)
+    _md, st0, rest, step = _setup(ema=0.9)
     st1, m = step(st0, rest, _batch())
     assert st1.batch_stats  # re-attention BatchNorm statistics exist and moved
     for ema, old, new in ((st1.ema_params, st0.params, st1.params),
                           (st1.ema_batch_stats, st0.batch_stats, st1.batch_stats)):
-        for e, o, n in zip(jax.tree.leaves(ema), jax.tree.leaves(old), jax.tree.leaves(new)):
+        for e, o, n in zip(jax.tree.leaves(ema), jax.tree.leaves(old), jax.tree.leaves(new),
+                           strict=True):
             np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5, atol=1e-7)
     moved = [not np.allclose(o, n) for o, n in
-             zip(jax.tree.leaves(st0.batch_stats), jax.tree.leaves(st1.batch_stats))]
+             zip(jax.tree.leaves(st0.batch_stats), jax.tree.leaves(st1.batch_stats), strict=True)]
     assert all(moved)
     assert int(st1.step) == 1 and np.isfinite(float(m["train/loss"]))
 
@@ -146,10 +148,10 @@ def test_gradient_accumulation_equals_large_batch():
     half = [{k: v[:4] for k, v in b.items()}, {k: v[4:] for k, v in b.items()}]
     mid, _ = step2(st, rest, half[0])
     # After the first micro-batch nothing is applied yet.
-    for a, c in zip(jax.tree.leaves(mid.params), jax.tree.leaves(st.params)):
+    for a, c in zip(jax.tree.leaves(mid.params), jax.tree.leaves(st.params), strict=True):
         np.testing.assert_array_equal(a, c)
     acc, _ = step2(mid, rest, half[1])
-    for a, c in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
+    for a, c in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params), strict=True):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)  # lr = 1e-3
 
 
@@ -188,15 +190,15 @@ def test_dropout_randomness_depends_on_step_only():
     a, _ = step(st, rest, _batch())
     b, _ = step(st, rest, _batch())
     c, _ = step(st.replace(step=st.step + 1), rest, _batch())
-    leaf = lambda s: np.asarray(s.params["head"]["kernel"].value)  # noqa: E731
+    leaf = lambda s: np.asarray(s.params["head"]["kernel"][...])  # noqa: E731
     np.testing.assert_array_equal(leaf(a), leaf(b))
     assert not np.allclose(leaf(a), leaf(c))
 
 
 def test_resize_pos_embed_keeps_cls_and_grid():
     pos = np.random.default_rng(0).normal(size=(1, 1 + 4 * 4, 8)).astype(np.float32)
-    out = state_lib.resize_pos_embed(pos, 1 + 8 * 8)
+    out = resample_pos_embed(pos, 8)
     assert out.shape == (1, 65, 8)
     np.testing.assert_array_equal(out[:, 0], pos[:, 0])
-    same = state_lib.resize_pos_embed(pos, 17)
+    same = resample_pos_embed(pos, 4)
     np.testing.assert_allclose(same, pos, atol=1e-5)

@@ -30,7 +30,7 @@ import numpy as np
 
 from deepvit_jax.checkpoint import (Path, describe_problems, model_arrays, model_from_arrays,
                                     path_str, weight_shapes)
-from deepvit_jax.models.deepvit import DeepViT, ModelConfig
+from deepvit_jax.models.deepvit import DeepViT, ModelConfig, resample_pos_embed
 from deepvit_jax.models.registry import VARIANTS, get_config
 
 log = logging.getLogger(__name__)
@@ -391,28 +391,6 @@ def infer_timm_config(sd: Mapping[str, np.ndarray], **overrides) -> ModelConfig:
 # --------------------------------------------------------------------------------------
 # Position embeddings
 # --------------------------------------------------------------------------------------
-
-
-def resample_pos_embed(pos_embed: np.ndarray, new_grid: int, *, antialias: bool = True
-                       ) -> np.ndarray:
-    """(1, 1 + g*g, C) -> (1, 1 + new_grid**2, C): bicubic resampling of the token grid with
-    the class token kept, as timm's ``resample_abs_pos_embed`` and big_vision do when
-    fine-tuning at another resolution. ``jax.image.resize`` uses the Keys cubic (a = -0.5)
-    kernel, so values differ slightly from PyTorch's bicubic (a = -0.75)."""
-    import jax
-
-    g = _grid_of(pos_embed.shape)
-    if g is None:
-        raise ConversionError(f"pos_embed {tuple(pos_embed.shape)} is not a class token + "
-                              "square grid; cannot resample it")
-    if g == new_grid:
-        return pos_embed
-    c = pos_embed.shape[-1]
-    grid = np.asarray(pos_embed[0, 1:], np.float32).reshape(g, g, c)
-    new = jax.image.resize(grid, (new_grid, new_grid, c), method="bicubic",
-                           antialias=antialias)
-    new = np.asarray(new, np.float32).reshape(1, new_grid * new_grid, c)
-    return np.concatenate([np.asarray(pos_embed[:, :1], np.float32), new], axis=1)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 F32 = jnp.float32
@@ -461,3 +462,24 @@ def count_params(model: nnx.Module) -> int:
 def block_types(cfg: ModelConfig) -> Sequence[str]:
     """'reattn' or 'plain' for each block, in order."""
     return ["reattn" if i in set(cfg.reattn_indices) else "plain" for i in range(cfg.depth)]
+
+
+def resample_pos_embed(pos_embed, new_grid: int, *, antialias: bool = True) -> np.ndarray:
+    """(1, 1 + g*g, C) -> (1, 1 + new_grid**2, C): bicubic resampling of the token grid with
+    the class token kept, as timm's ``resample_abs_pos_embed`` and big_vision do when
+    fine-tuning at another resolution (e.g. 224 -> 384 px: 14x14 -> 24x24). Used by the
+    converter (``image_size=``) and by the training loop's ``init_from``.
+    ``jax.image.resize`` uses the Keys cubic (a = -0.5) kernel, so values differ slightly
+    from PyTorch's bicubic (a = -0.75)."""
+    pos_embed = np.asarray(pos_embed, np.float32)
+    n, c = pos_embed.shape[1] - 1, pos_embed.shape[-1]
+    g = math.isqrt(max(n, 0))
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or n < 1 or g * g != n:
+        raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not a class token + square "
+                         "grid of tokens; cannot resample it")
+    if g == new_grid:
+        return pos_embed
+    grid = jax.image.resize(pos_embed[0, 1:].reshape(g, g, c), (new_grid, new_grid, c),
+                            method="bicubic", antialias=antialias)
+    grid = np.asarray(grid, np.float32).reshape(1, new_grid * new_grid, c)
+    return np.concatenate([pos_embed[:, :1], grid], axis=1)

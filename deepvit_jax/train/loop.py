@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -105,7 +104,7 @@ def check_config(config) -> RunSpec:
     data_cfg = data_config(config)
     try:
         info = pipeline.dataset_info(data_cfg)
-    except Exception as e:  # noqa: BLE001  any failure to resolve the dataset is a config error
+    except Exception as e:  # any failure to resolve the dataset is a config error
         raise ConfigError(f"config.dataset={config.dataset!r}: {e}") from None
     model_cfg = model_config(config, info.num_classes)
     mesh = parallel.make_mesh(config.mesh)
@@ -140,8 +139,8 @@ def check_config(config) -> RunSpec:
         # total_steps overrides the length; the schedule keeps its shape, compressed.
         new_updates = max(config.total_steps // k, 1)
         scale = new_updates / max(total_updates, 1)
-        warmup_updates = int(round(warmup_updates * scale))
-        decay_updates = max(int(round(decay_updates * scale)), 1)
+        warmup_updates = round(warmup_updates * scale)
+        decay_updates = max(round(decay_updates * scale), 1)
         total_steps = config.total_steps
     else:
         total_steps = total_updates * k
@@ -385,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             do_log = step % config.log_every_steps == 0 or is_last
             if do_log or do_eval:
                 host = jax.device_get([m for _, m in window])
-                for (s, _), m in zip(window, host):
+                for (s, _), m in zip(window, host, strict=True):
                     check(s, m)
                 window.clear()
                 elapsed = time.perf_counter() - t_window

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx, struct
 
 from deepvit_jax.models import ModelConfig
-from deepvit_jax.models.deepvit import DeepViT
+from deepvit_jax.models.deepvit import DeepViT, resample_pos_embed
 from deepvit_jax.parallel import ConfigError, path_str
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,6 @@ def init_state(cfg: ModelConfig, tx, seed: int, *, ema: bool):
 # --------------------------------------------------------------------------------------
 
 
-def resize_pos_embed(pos: np.ndarray, num_tokens: int) -> np.ndarray:
-    """(1, 1+g*g, C) -> (1, num_tokens, C): class token kept, the grid resized bicubically
-    (as timm's ``resize_pos_embed`` when fine-tuning at a higher resolution)."""
-    cls, grid = pos[:, :1], pos[:, 1:]
-    g_old = int(round(np.sqrt(grid.shape[1])))
-    g_new = int(round(np.sqrt(num_tokens - 1)))
-    if g_old * g_old != grid.shape[1] or g_new * g_new != num_tokens - 1:
-        raise ValueError(f"pos_embed: cannot resize {pos.shape} to {num_tokens} tokens "
-                         f"(not square grids)")
-    grid = grid.reshape(1, g_old, g_old, -1)
-    grid = jax.image.resize(jnp.asarray(grid), (1, g_new, g_new, grid.shape[-1]), "bicubic")
-    return np.concatenate([cls, np.asarray(grid).reshape(1, g_new * g_new, -1)], axis=1)
-
-
 def load_pretrained(params, batch_stats, path: str):
     """Copy the weights saved at ``path`` (deepvit_jax.checkpoint format) into freshly
     initialised ``params`` / ``batch_stats``.
@@ -139,7 +126,8 @@ def load_pretrained(params, batch_stats, path: str):
                 return jnp.asarray(new, v.dtype)
             if key.endswith("pos_embed"):
                 log.info("init_from: resizing pos_embed %s -> %s", new.shape, v.shape)
-                return jnp.asarray(resize_pos_embed(new, v.shape[1]), v.dtype)
+                return jnp.asarray(resample_pos_embed(new, math.isqrt(v.shape[1] - 1)),
+                                   v.dtype)
             if key.startswith("head/"):
                 log.info("init_from: %s has shape %s, the model %s: keeping a fresh head",
                          key, new.shape, v.shape)

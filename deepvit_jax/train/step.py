@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +90,7 @@ def cosine_regulariser(maps, num_pairs: int = 12, eps: float = 1e-8):
     """DeepViT-32's regulariser: mean over the first ``num_pairs`` consecutive block pairs
     (l, l+1) of the cosine similarity of their attention maps along the head axis
     (``torch.nn.CosineSimilarity(dim=1)`` on (B, H, N, N) maps), averaged over (B, N, N)."""
-    pairs = list(zip(maps[:num_pairs], maps[1:num_pairs + 1]))
+    pairs = list(itertools.pairwise(maps[:num_pairs + 1]))
     if not pairs:
         return jnp.zeros((), jnp.float32)
     vals = []
