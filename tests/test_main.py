@@ -291,3 +291,71 @@ def test_nan_loss_stops_naming_step(tmp_path, data_dir):
     step, state = _final_state(tmp_path)
     assert step < bad
     assert all(np.all(np.isfinite(v)) for k, v in state.items() if k.startswith("params/"))
+
+
+# ---------------------------------------------------------------------------------------
+# init_from: start training from a saved (e.g. converted) model
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_config(data_dir):
+    c = _load_default()
+    c.data_dir = data_dir
+    o = c.model_overrides
+    o.embed_dim, o.depth, o.num_heads, o.reattn_blocks = 16, 2, 2, (0, 1)
+    c.batch_size = 32
+    return c
+
+
+def test_init_from_starts_from_the_saved_weights(tmp_path, data_dir):
+    """A model saved with deepvit_jax.checkpoint.save_model is where training starts: with a
+    zero learning rate, the first checkpoint holds exactly the saved parameters."""
+    from flax import nnx
+
+    from deepvit_jax.checkpoint import model_arrays, save_model
+    from deepvit_jax.models import DeepViT
+    from deepvit_jax.train.loop import model_config, train_and_evaluate
+
+    c = _tiny_config(data_dir)
+    saved = DeepViT(model_config(c, 10), rngs=nnx.Rngs(123))  # not the run's seed
+    save_model(saved, tmp_path / "pretrained")
+    c.init_from = str(tmp_path / "pretrained")
+    c.total_steps = 1
+    c.learning_rate = c.warmup_lr = c.min_lr = 0.0
+    c.eval_every_steps = c.checkpoint_every_steps = 1
+    train_and_evaluate(c, str(tmp_path / "run"))
+    _, state = _final_state(tmp_path / "run")
+    want = {"params/" + "/".join(map(str, p)) + "/value": v
+            for p, v in model_arrays(saved).items()
+            if "mean" not in p[-1:] and "var" not in p[-1:]}
+    assert want and all(k in state for k in want), (sorted(set(want) - set(state))[:3],
+                                                    sorted(state)[:8])
+    for k, v in want.items():
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+
+def test_init_from_resizes_pos_embed_and_keeps_a_fresh_head(tmp_path):
+    """Fine-tuning at another resolution and class count (the 384-px recipe): pos_embed is
+    resampled on the token grid, the head is re-initialised, everything else is copied."""
+    from flax import nnx
+
+    from deepvit_jax import create_model
+    from deepvit_jax.checkpoint import save_model
+    from deepvit_jax.models.deepvit import resample_pos_embed
+    from deepvit_jax.train import state as state_lib
+
+    kw = dict(image_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    src = create_model("deepvit_16b", num_classes=10, rngs=nnx.Rngs(1), **kw)
+    save_model(src, tmp_path / "m")
+    dst = create_model("deepvit_16b", num_classes=3, rngs=nnx.Rngs(2),
+                       **{**kw, "image_size": 64})
+    params, stats = nnx.state(dst, nnx.Param), nnx.state(dst, nnx.BatchStat)
+    new_params, new_stats = state_lib.load_pretrained(params, stats, str(tmp_path / "m"))
+    np.testing.assert_allclose(np.asarray(new_params["pos_embed"][...]),
+                               resample_pos_embed(np.asarray(src.pos_embed[...]), 8), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new_params["head"]["kernel"][...]),
+                                  np.asarray(dst.head.kernel[...]))  # fresh: 3 classes
+    np.testing.assert_array_equal(np.asarray(new_params["blocks"][1]["attn"]["reattn_weight"][...]),
+                                  np.asarray(src.blocks[1].attn.reattn_weight[...]))
+    np.testing.assert_array_equal(np.asarray(new_stats["blocks"][0]["attn"]["reattn_norm"]["var"][...]),
+                                  np.asarray(src.blocks[0].attn.reattn_norm.var[...]))
