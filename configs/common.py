@@ -66,6 +66,10 @@ def base_config(model: str = "deepvit_16b") -> ml_collections.ConfigDict:
     c.ema_decay = 0.99996  # 0: no EMA
     c.cosine_reg_weight = 0.0  # DeepViT-32: 0.1
     c.cosine_reg_pairs = 12
+    # Before each evaluation, re-estimate every BatchNorm's statistics (live and EMA model)
+    # on this many training batches; 0: evaluate with the running statistics as they are.
+    c.bn_recalibration_batches = 0
+    c.bn_recalibration_batch_size = 0  # 0: same as batch_size
     # --- parallelism -----------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -85,6 +89,8 @@ def imagenet_config(model: str) -> ml_collections.ConfigDict:
     c.eval_split = "validation"
     c.cache = False
     c.model_overrides.drop_path_rate = 0.2
+    c.bn_recalibration_batches = 50  # the official script: 50 batches of 256 before each eval
+    c.bn_recalibration_batch_size = 256
     return c
 
 

@@ -3,11 +3,7 @@
     python -m deepvit_jax.main --config configs/deepvit_32b_i1k.py --workdir runs/deepvit_32b_i1k
 
 Expected top-1 (ImageNet-1k val, 224 px, EMA weights): 80.90 (released checkpoint: 80.90).
-Recipe (reference section 6): AdamW lr 5e-4 (betas 0.9/0.999, eps 1e-8), weight decay 0.05
-(not on 1-D parameters, pos_embed, cls_token), 300 epochs cosine + 10 cool-down epochs, 5
-warm-up epochs from 1e-6, min lr 1e-5; RandAugment rand-m9-mstd0.5-inc1, random-resized crop,
-flip, random erasing 0.25; mixup 0.8 + cutmix 1.0 (switch 0.5); label smoothing 0.1; drop path
-0.2; EMA 0.99996 (EMA top-1 picks the best checkpoint); seed 42.
+Recipe: the official one (reference section 6), `common.imagenet_config`.
 DeepViT-32's recipe differs from the others: mixup 0.1 without cutmix, mixed precision
 (bfloat16 compute here, float16 AMP in the original) and the cosine regulariser (weight 0.1,
 first 12 consecutive block pairs, similarity along the head axis).
