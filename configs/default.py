@@ -6,8 +6,9 @@ Sized for a laptop: 2 CPU cores, no accelerator, no download (the 1797 digits sh
 scikit-learn; 1437 train / 360 held-out test images, upscaled to 32x32). Trains in a few
 minutes to >= 95% top-1 on the held-out split. A 4-block DeepViT (Re-attention in every
 block, 64-d, 4 heads, 8x8-px patches), the official optimizer (AdamW, warm-up + cosine,
-weight-decay mask) without mixup / RandAugment (they destroy 8x8 digits), no EMA
-(best checkpoint by top-1).
+weight-decay mask) without mixup / RandAugment (they destroy 8x8 digits), EMA 0.99 with
+BatchNorm statistics re-estimated on 10 training batches before each evaluation (best
+checkpoint by EMA top-1).
 """
 
 import pathlib
@@ -35,7 +36,10 @@ def get_config():
     c.warmup_epochs = 3
     c.learning_rate = 2e-3
     c.min_lr = 1e-5
-    c.ema_decay = 0.0  # EMA of a 550-step run lags the fast-moving weights
+    # EMA over 550 steps: a short horizon. The EMA weights need their own BatchNorm
+    # statistics (re-estimated): with the EMA-averaged ones they scored ~64-77% vs ~97%.
+    c.ema_decay = 0.99
+    c.bn_recalibration_batches = 10
     c.log_every_steps = 20
     c.eval_every_steps = 110
     c.checkpoint_every_steps = 110

@@ -202,3 +202,84 @@ def test_resize_pos_embed_keeps_cls_and_grid():
     np.testing.assert_array_equal(out[:, 0], pos[:, 0])
     same = resample_pos_embed(pos, 4)
     np.testing.assert_allclose(same, pos, atol=1e-5)
+
+
+def test_bn_stats_step_reestimates_every_batchnorm():
+    # Tiny DeepViT-S: two BatchNorms in the CNN stem (over channels) and one in block 1's
+    # Re-attention (over the head axis of the attention map).
+    from deepvit_jax.models.deepvit import BatchNorm
+
+    cfg = get_config("deepvit_s", image_size=32, depth=2, reattn_blocks=(1,), embed_dim=32,
+                     num_heads=4, stem_channels=8, num_classes=10)
+    md = state_lib.make_model_def(cfg)
+    _, params, stats, rest = state_lib.split_model(state_lib.build_model(cfg, 0))
+    # Arbitrary running statistics: the re-estimate must not depend on them.
+    stats = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(3), v.shape), stats)
+    batches = [_batch(6, seed=s, size=32)["image"] for s in range(3)]
+
+    got = step_lib.average_batch_stats(jax.jit(step_lib.make_bn_stats_step(md)), params,
+                                       stats, rest, batches)
+
+    # Direct: record every BatchNorm's input in a plain train-mode forward pass (no dropout
+    # in this config), take its per-batch mean and unbiased variance, average over batches.
+    call = BatchNorm.__call__
+
+    def bn_inputs(params, stats, rest, x):
+        m = md.merge(params, stats, rest, train=True)
+        names = {id(b): "/".join(map(str, p)) for p, b in nnx.iter_modules(m)
+                 if isinstance(b, BatchNorm)}
+        seen = {}
+
+        def recording(self, x):
+            seen[names[id(self)]] = jnp.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
+            return call(self, x)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(BatchNorm, "__call__", recording)
+            m(x)
+        return seen
+
+    bn_inputs = jax.jit(bn_inputs)
+    inputs = {}
+    for x in batches:
+        for name, v in bn_inputs(params, stats, rest, x).items():
+            inputs.setdefault(name, []).append(np.asarray(v, np.float64))
+    assert sorted(inputs) == ["blocks/1/attn/reattn_norm", "patch_embed/bn1", "patch_embed/bn2"]
+    flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    for name, xs in inputs.items():
+        assert len(xs) == len(batches)
+        means = [x.mean(0) for x in xs]
+        variances = [x.var(0, ddof=1) for x in xs]
+        np.testing.assert_allclose(flat[f"{name}/mean"], np.mean(means, 0), rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(flat[f"{name}/var"], np.mean(variances, 0), rtol=1e-4,
+                                   atol=1e-7, err_msg=name)
+
+
+def test_training_with_ema_and_bn_recalibration(tmp_path, caplog):
+    # A shortened digits run with EMA and BatchNorm re-estimation on: both models evaluated.
+    import importlib.util
+    import json
+    import pathlib
+
+    from deepvit_jax.train import loop
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+    spec = importlib.util.spec_from_file_location("cfg_default", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    o = c.model_overrides
+    o.embed_dim, o.depth, o.num_heads, o.reattn_blocks = 16, 2, 2, (0, 1)
+    c.update(dict(batch_size=32, total_steps=2, log_every_steps=2, eval_every_steps=1000,
+                  checkpoint_every_steps=1000, shuffle_buffer=256, data_dir=str(tmp_path / "tfds"),
+                  ema_decay=0.9, bn_recalibration_batches=2, bn_recalibration_batch_size=64))
+    with caplog.at_level("INFO", logger=loop.__name__):
+        out = loop.train_and_evaluate(c, str(tmp_path / "run"))
+    assert "re-estimated before each evaluation (live and EMA model) on 2 training batches " \
+           "of 64" in caplog.text
+    for k in ("eval/top1", "eval/ema_top1"):
+        assert 0.0 <= out[k] <= 100.0, k
+    assert out["eval/count"] == 360
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and "eval/ema_top1" in rows[-1]

@@ -60,6 +60,7 @@ class RunSpec:
     warmup_updates: int
     decay_updates: int
     eval_batch_size: int
+    recal_batch_size: int  # BatchNorm re-estimation batch (used when bn_recalibration_batches)
 
 
 def data_config(config) -> ml_collections.ConfigDict:
@@ -116,6 +117,17 @@ def check_config(config) -> RunSpec:
                 f"config.{field}={bs} cannot be split over the mesh: it must be a multiple of "
                 f"data x fsdp = {shards} (mesh {dict(mesh.shape)}) and of the process count "
                 f"{jax.process_count()}")
+    recal_bs = config.bn_recalibration_batch_size or config.batch_size
+    if not isinstance(config.bn_recalibration_batches, int) or config.bn_recalibration_batches < 0:
+        raise ConfigError(f"config.bn_recalibration_batches={config.bn_recalibration_batches!r}: "
+                          f"must be an integer >= 0 (0 = off)")
+    if config.bn_recalibration_batches and (
+            recal_bs < 0 or recal_bs % shards or recal_bs % jax.process_count()
+            or recal_bs > info.num_train):
+        raise ConfigError(
+            f"config.bn_recalibration_batch_size={recal_bs}: must be a multiple of data x fsdp "
+            f"= {shards} and of the process count {jax.process_count()}, and at most the "
+            f"{info.num_train} training images")
     if config.batch_size > info.num_train:
         raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
                           f"{info.num_train} training images of {config.dataset!r}")
@@ -147,7 +159,7 @@ def check_config(config) -> RunSpec:
     return RunSpec(model_cfg=model_cfg, data_cfg=data_cfg, info=info, mesh=mesh,
                    total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    warmup_updates=warmup_updates, decay_updates=decay_updates,
-                   eval_batch_size=ebs)
+                   eval_batch_size=ebs, recal_batch_size=recal_bs)
 
 
 def make_schedule(config, spec: RunSpec) -> optax.Schedule:
@@ -321,7 +333,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       {"image": data_sh, "label": data_sh, "mask": data_sh}),
         out_shardings=repl)
 
+    # BatchNorm re-estimation before each evaluation (the official script's 50 x 256): its own
+    # training-split iterator (seed + 1), rewound to its start every time, so every evaluation
+    # sees the same K batches and the run's training stream (and exact resume) is untouched.
+    # Training augmentation, as the official script uses its training loader (mixup / cutmix
+    # happen in the train step and are not applied); the live model's running statistics
+    # describe augmented images too. The statistics are for evaluation only: the TrainState
+    # (and its checkpoints) keeps the running statistics that training produced.
+    has_bn = bool(jax.tree.leaves(abstract_state.batch_stats))
+    num_recal = config.bn_recalibration_batches if has_bn else 0
+    if config.bn_recalibration_batches and not num_recal:
+        log.info("bn_recalibration_batches=%d: %s has no BatchNorm, nothing to re-estimate",
+                 config.bn_recalibration_batches, config.model)
+    if num_recal:
+        recal_it = pipeline.make_train_iterator(
+            spec.data_cfg, global_batch_size=spec.recal_batch_size, image_size=mcfg.image_size,
+            mean=mcfg.mean, std=mcfg.std, sharding=data_sh, seed=config.seed + 1)
+        recal_start = recal_it.get_state()
+        bn_stats_step = jax.jit(
+            step_lib.make_bn_stats_step(model_def),
+            in_shardings=(state_sh.params, state_sh.batch_stats, rest_sh, data_sh),
+            out_shardings=state_sh.batch_stats)
+        log.info("BatchNorm statistics re-estimated before each evaluation (%s) on %d training "
+                 "batches of %d (augmented, seed %d), averaged", "live and EMA model"
+                 if use_ema else "live model", num_recal, spec.recal_batch_size, config.seed + 1)
+
+    def recalibrate(params, stats):
+        """Every BatchNorm's statistics averaged over the same K training batches."""
+        recal_it.set_state(recal_start)
+        images = (next(recal_it)["image"] for _ in range(num_recal))
+        return step_lib.average_batch_stats(bn_stats_step, params, stats, rest, images)
+
     def evaluate(params, stats) -> dict[str, float]:
+        if num_recal:
+            stats = recalibrate(params, stats)
         sums = None
         for batch in eval_it:
             out = eval_step(params, stats, rest, batch)

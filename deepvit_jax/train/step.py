@@ -7,7 +7,8 @@
   ``min_lr`` over ``num_epochs``, then ``cooldown_epochs`` at ``min_lr``), per update;
 * loss: soft-target cross-entropy on mixup / cutmix / label-smoothed targets, plus the
   cosine regulariser of the 32-block recipe;
-* model EMA over the parameters *and* the BatchNorm statistics (timm ``ModelEmaV2``).
+* model EMA over the parameters *and* the BatchNorm statistics (timm ``ModelEmaV2``);
+* per-batch BatchNorm statistics, for re-estimating them before an evaluation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from deepvit_jax.models.deepvit import BatchNorm
 from deepvit_jax.parallel import path_str
 from deepvit_jax.train.state import ModelDef, TrainState
 
@@ -171,7 +173,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         metrics = {
             "train/loss": loss,
             "train/ce": ce,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/lr": schedule(state.step // cfg.grad_accum_steps),
         }
         if cfg.cosine_reg_weight:
@@ -205,3 +207,38 @@ def make_eval_step(model_def: ModelDef) -> Callable:
         }
 
     return eval_step
+
+
+def make_bn_stats_step(model_def: ModelDef) -> Callable:
+    """``bn_stats_step(params, batch_stats, rest, images) -> batch_stats`` holding, for every
+    BatchNorm, the mean and the *unbiased* variance of its input over this batch (the
+    quantities PyTorch's ``running_mean`` / ``running_var`` average).
+
+    The eval-mode model with every BatchNorm switched to batch statistics and momentum 0
+    (``new = 0 * old + 1 * batch``): dropout and drop-path stay off, so the statistics
+    describe the network as it is evaluated. Averaging the results over K batches is
+    ``torch.optim.swa_utils.update_bn`` (cumulative average, ``momentum=None``).
+    """
+
+    def bn_stats_step(params, batch_stats, rest, images):
+        model = model_def.merge(params, batch_stats, rest, train=False)
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, BatchNorm):
+                m.use_running_average, m.momentum = False, 0.0
+        model(images)
+        return nnx.state(model, nnx.BatchStat)
+
+    return bn_stats_step
+
+
+def average_batch_stats(bn_stats_step: Callable, params, batch_stats, rest, images) -> Any:
+    """Mean over the image batches of ``bn_stats_step``'s per-batch statistics: the
+    re-estimated running statistics of every BatchNorm."""
+    total, n = None, 0
+    for x in images:
+        out = bn_stats_step(params, batch_stats, rest, x)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+        n += 1
+    if total is None:
+        raise ValueError("average_batch_stats: no batches")
+    return jax.tree.map(lambda t: t / n, total)
