@@ -117,6 +117,10 @@ def check_config(config) -> RunSpec:
                 f"config.{field}={bs} cannot be split over the mesh: it must be a multiple of "
                 f"data x fsdp = {shards} (mesh {dict(mesh.shape)}) and of the process count "
                 f"{jax.process_count()}")
+    if config.batch_size > info.num_train:
+        raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
+                          f"{info.num_train} training images of {config.dataset!r}")
+    # 0 = the training batch size (already checked above), so errors name the field that was set.
     recal_bs = config.bn_recalibration_batch_size or config.batch_size
     if not isinstance(config.bn_recalibration_batches, int) or config.bn_recalibration_batches < 0:
         raise ConfigError(f"config.bn_recalibration_batches={config.bn_recalibration_batches!r}: "
@@ -128,9 +132,6 @@ def check_config(config) -> RunSpec:
             f"config.bn_recalibration_batch_size={recal_bs}: must be a multiple of data x fsdp "
             f"= {shards} and of the process count {jax.process_count()}, and at most the "
             f"{info.num_train} training images")
-    if config.batch_size > info.num_train:
-        raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
-                          f"{info.num_train} training images of {config.dataset!r}")
     for f in ("ema_decay", "cosine_reg_weight", "weight_decay", "grad_clip_norm"):
         if config[f] < 0:
             raise ConfigError(f"config.{f}={config[f]}: must be >= 0")
