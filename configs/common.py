@@ -82,7 +82,13 @@ def base_config(model: str = "deepvit_16b") -> ml_collections.ConfigDict:
 
 
 def imagenet_config(model: str) -> ml_collections.ConfigDict:
-    """The official ImageNet-1k recipe (timm 0.3.2 yaml files of the release)."""
+    """The official ImageNet-1k recipe (timm 0.3.2 yaml files of the release).
+
+    Global batch 512 = 32 images per GPU on 16 GPUs with >= 40 GB each (A100/H100), the
+    official per-GPU batch, or a TPU v4-16 / v5p-16 slice. On fewer devices keep the global
+    batch with ``--config.grad_accum_steps=K --config.batch_size=512/K``. Needs ImageNet
+    prepared for TFDS: ``python -m deepvit_jax.data prepare imagenet2012 --manual-dir ...``.
+    """
     c = base_config(model)
     c.dataset = "imagenet2012"
     c.train_split = "train"

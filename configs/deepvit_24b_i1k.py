@@ -4,10 +4,8 @@
 
 Expected top-1 (ImageNet-1k val, 224 px, EMA weights): 79.99 (released checkpoint: 79.99).
 Recipe: the official one (reference section 6), `common.imagenet_config`.
-Sized for: 16 GPUs with >= 40 GB each (A100/H100; 32 images per GPU = global batch 512,
-the official per-GPU batch) or a TPU v4-16 / v5p-16 slice; on fewer devices keep the
-global batch with `--config.grad_accum_steps=K --config.batch_size=512/K`.
-Needs ImageNet prepared for TFDS (`python -m deepvit_jax.data prepare imagenet2012 ...`).
+Sized for: 16 GPUs with >= 40 GB each or a TPU v4-16 / v5p-16 slice (global batch 512;
+fewer devices and data preparation: see `common.imagenet_config`).
 """
 
 import pathlib

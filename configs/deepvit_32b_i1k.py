@@ -7,10 +7,8 @@ Recipe: the official one (reference section 6), `common.imagenet_config`.
 DeepViT-32's recipe differs from the others: mixup 0.1 without cutmix, mixed precision
 (bfloat16 compute here, float16 AMP in the original) and the cosine regulariser (weight 0.1,
 first 12 consecutive block pairs, similarity along the head axis).
-Sized for: 16 GPUs with >= 40 GB each (A100/H100; 32 images per GPU = global batch 512,
-the official per-GPU batch) or a TPU v4-16 / v5p-16 slice; on fewer devices keep the
-global batch with `--config.grad_accum_steps=K --config.batch_size=512/K`.
-Needs ImageNet prepared for TFDS (`python -m deepvit_jax.data prepare imagenet2012 ...`).
+Sized for: 16 GPUs with >= 40 GB each or a TPU v4-16 / v5p-16 slice (global batch 512;
+fewer devices and data preparation: see `common.imagenet_config`).
 """
 
 import pathlib

@@ -6,10 +6,8 @@ Expected top-1 (ImageNet-1k val, 224 px, EMA weights): 79.27.
 Recipe: the official one (reference section 6), `common.imagenet_config`.
 The baselines were never released; the recipe of the 32-block baseline is not recorded, so
 this uses the common recipe (mixup 0.8 + cutmix 1.0, float32, no regulariser).
-Sized for: 16 GPUs with >= 40 GB each (A100/H100; 32 images per GPU = global batch 512,
-the official per-GPU batch) or a TPU v4-16 / v5p-16 slice; on fewer devices keep the
-global batch with `--config.grad_accum_steps=K --config.batch_size=512/K`.
-Needs ImageNet prepared for TFDS (`python -m deepvit_jax.data prepare imagenet2012 ...`).
+Sized for: 16 GPUs with >= 40 GB each or a TPU v4-16 / v5p-16 slice (global batch 512;
+fewer devices and data preparation: see `common.imagenet_config`).
 """
 
 import pathlib
