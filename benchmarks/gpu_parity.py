@@ -23,10 +23,8 @@ sys.path.insert(0, str(REPO))
 
 from deepvit_jax import get_config  # noqa: E402
 from deepvit_jax.convert import from_pytorch  # noqa: E402
+from deepvit_jax.models.registry import official_name  # noqa: E402
 from tests.reference import official  # noqa: E402
-
-OFFICIAL = {"deepvit_16b": "deepvit_patch16_224_re_attn_16b", "deepvit_s": "deepvit_S",
-            "deepvit_l": "deepvit_L", "vit_16b": "vit_16b"}
 
 
 def main():
@@ -38,7 +36,7 @@ def main():
     args = p.parse_args()
     rows = []
     for name in args.models:
-        ref = official.randomize_(official.create(OFFICIAL[name]), seed=1).eval()
+        ref = official.randomize_(official.create(official_name(name)), seed=1).eval()
         x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             want = ref.double()(x.double()).numpy()

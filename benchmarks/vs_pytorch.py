@@ -96,16 +96,13 @@ def bench_jax(name, args):
 def bench_torch(name, args):
     import torch
 
+    from deepvit_jax.models.registry import official_name
     from tests.reference import official
 
     dev = torch.device(args.device)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    official_name = {"deepvit_16b": "deepvit_patch16_224_re_attn_16b",
-                     "deepvit_24b": "deepvit_patch16_224_re_attn_24b",
-                     "deepvit_32b": "deepvit_patch16_224_re_attn_32b",
-                     "deepvit_s": "deepvit_S", "deepvit_l": "deepvit_L"}.get(name, name)
-    model = official.create(official_name, img_size=args.image_size).to(dev)
+    model = official.create(official_name(name), img_size=args.image_size).to(dev)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)

@@ -47,6 +47,12 @@ OFFICIAL_NAMES: dict[str, str] = {
 }
 
 
+def official_name(name: str) -> str:
+    """The official entrypoint of one of our variants (``deepvit_s`` -> ``deepvit_S``); the
+    ViT baselines, which the release does not name, keep their own name."""
+    return {ours: official for official, ours in OFFICIAL_NAMES.items()}.get(name, name)
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model` (official entrypoint names work too)."""
     return list(VARIANTS)
