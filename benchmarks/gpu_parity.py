@@ -1,7 +1,7 @@
 """Logit parity with the official PyTorch model on an accelerator, at the backend's default
 matmul precision and at 'highest', plus the error of bf16 compute against fp32.
 
-The reference is the official layout (tests/reference/official.py) run by PyTorch in float64
+The reference is the official layout (deepvit_jax/reference/official.py) run by PyTorch in float64
 on the CPU; our model gets the same random weights through the converter.
 
     python benchmarks/gpu_parity.py [--models deepvit_16b deepvit_s] [--batch 8]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -19,12 +18,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from deepvit_jax import get_config  # noqa: E402
-from deepvit_jax.convert import from_pytorch  # noqa: E402
-from deepvit_jax.models.registry import official_name  # noqa: E402
-from tests.reference import official  # noqa: E402
+from deepvit_jax import get_config
+from deepvit_jax.convert import from_pytorch
+from deepvit_jax.models.registry import official_name
+from deepvit_jax.reference import official
 
 
 def main():

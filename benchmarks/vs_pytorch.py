@@ -2,7 +2,7 @@
 
 For each model it times one full AdamW training step (forward, backward, update) and one
 inference forward pass, in JAX (our Flax NNX model under jit) and in PyTorch (the official
-model as laid out in tests/reference/official.py, which follows the released code module
+model as laid out in deepvit_jax/reference/official.py, which follows the released code module
 for module), on the same batch size, image size and precision. It prints img/s for both and
 the JAX / PyTorch ratio, and writes everything to a JSON file.
 
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _median_time(fn, steps: int, warmup: int) -> float:
@@ -97,7 +96,7 @@ def bench_torch(name, args):
     import torch
 
     from deepvit_jax.models.registry import official_name
-    from tests.reference import official
+    from deepvit_jax.reference import official
 
     dev = torch.device(args.device)
     if args.device == "cpu":

@@ -1,5 +1,5 @@
 """Official DeepViT checkpoints -> JAX: logit / attention / BatchNorm parity against our
-PyTorch reference (tests/reference/official.py), checkpoint file formats, bad input, and
+PyTorch reference (deepvit_jax/reference/official.py), checkpoint file formats, bad input, and
 the bit-exact round trip back to PyTorch."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from deepvit_jax.convert import ConversionError, from_pytorch, save_pytorch, to_
 from deepvit_jax.convert.pytorch import (convert_state_dict, guess_official_variant,  # noqa: E402
                                          load_state_dict)
 from deepvit_jax.models.registry import get_config  # noqa: E402
-from tests.reference import official as R  # noqa: E402
+from deepvit_jax.reference import official as R  # noqa: E402
 
 VARIANTS_REF = R.VARIANTS
 

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 from deepvit_jax import checkpoint as ck  # noqa: E402
 from deepvit_jax.convert.__main__ import main  # noqa: E402
 from deepvit_jax.convert.pytorch import load_state_dict  # noqa: E402
-from tests.reference import official as R  # noqa: E402
-from tests.reference.vit_pytorch import load_deepvit_class  # noqa: E402
+from deepvit_jax.reference import official as R  # noqa: E402
+from deepvit_jax.reference.vit_pytorch import load_deepvit_class  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """timm ViT/DeiT layout -> our ViT, and -> a DeepViT with identity Re-attention on chosen
-blocks that computes exactly the ViT's function (reference: tests/reference/timm_vit.py)."""
+blocks that computes exactly the ViT's function (reference: deepvit_jax/reference/timm_vit.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 from deepvit_jax.convert import (ConversionError, from_pytorch, identity_reattention,  # noqa: E402
                                  to_pytorch)
 from deepvit_jax.models.registry import get_config  # noqa: E402
-from tests.reference import official as R  # noqa: E402
-from tests.reference.timm_vit import VisionTransformer  # noqa: E402
+from deepvit_jax.reference import official as R  # noqa: E402
+from deepvit_jax.reference.timm_vit import VisionTransformer  # noqa: E402
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("einops")
 
 from deepvit_jax.convert import ConversionError, from_pytorch, to_pytorch  # noqa: E402
-from tests.reference.vit_pytorch import load_deepvit_class  # noqa: E402
+from deepvit_jax.reference.vit_pytorch import load_deepvit_class  # noqa: E402
 
 # (image, patch, dim, depth, heads, dim_head, mlp_dim, pool, classes)
 SHAPES = [

@@ -13,9 +13,7 @@ import pathlib
 def load_deepvit_class():
     spec = importlib.util.find_spec("vit_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        import pytest
-
-        pytest.skip("vit-pytorch is not installed")
+        raise ImportError("vit-pytorch is not installed: pip install --no-deps vit-pytorch einops")
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "deepvit.py"
     mod_spec = importlib.util.spec_from_file_location("_vit_pytorch_deepvit", path)
     mod = importlib.util.module_from_spec(mod_spec)
