@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from typing import Any
 from collections.abc import Mapping
 
@@ -27,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
+from deepvit_jax.utils import atomic_output, path_str
 
 FORMAT = "deepvit-jax-model"
 VERSION = 1
@@ -39,10 +39,6 @@ Path = tuple  # a state path, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
 
 class ModelFileError(ValueError):
     """A model directory is missing, incomplete or does not match its config."""
-
-
-def path_str(path: Path) -> str:
-    return ".".join(str(p) for p in path)
 
 
 # --------------------------------------------------------------------------------------
@@ -90,9 +86,9 @@ def model_from_arrays(cfg: ModelConfig, arrays: Mapping[Path, Any], *, seed: int
     """
     graphdef, weights, rest = abstract_split(cfg)
     expected = {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(weights)}
-    missing = sorted(path_str(p) for p in expected if p not in arrays)
-    unexpected = sorted(path_str(p) for p in arrays if p not in expected)
-    mismatched = [f"{path_str(p)}: got {tuple(np.shape(a))}, model expects {expected[p]}"
+    missing = sorted(path_str(p, ".") for p in expected if p not in arrays)
+    unexpected = sorted(path_str(p, ".") for p in arrays if p not in expected)
+    mismatched = [f"{path_str(p, '.')}: got {tuple(np.shape(a))}, model expects {expected[p]}"
                   for p, a in arrays.items() if p in expected and tuple(np.shape(a)) != expected[p]]
     if missing or unexpected or mismatched:
         raise ModelFileError(describe_problems(
@@ -166,25 +162,15 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    tmp = path + ".partial"
-    if jax.process_index() == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
+    primary = jax.process_index() == 0
+    with atomic_output(path, primary=primary) as tmp:
         ckptr = _checkpointer()
         ckptr.save(os.path.join(tmp, STATE_DIR), nnx.state(model, WEIGHTS))
         ckptr.wait_until_finished()
-        if jax.process_index() == 0:
+        if primary:
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
                           indent=2)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-    except BaseException:
-        if jax.process_index() == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

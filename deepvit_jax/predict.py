@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deepvit_jax.utils import atomic_output
+
 CLASSES_FILE = "imagenet_classes.txt"
 
 
@@ -120,16 +122,8 @@ def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    path = os.path.abspath(path)
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def main(argv: list[str] | None = None) -> int:

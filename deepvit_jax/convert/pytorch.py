@@ -29,9 +29,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from deepvit_jax.checkpoint import (Path, describe_problems, model_arrays, model_from_arrays,
-                                    path_str, weight_shapes)
-from deepvit_jax.models.deepvit import DeepViT, ModelConfig, resample_pos_embed
+                                    weight_shapes)
+from deepvit_jax.models.deepvit import DeepViT, ModelConfig, pos_embed_grid, resample_pos_embed
 from deepvit_jax.models.registry import VARIANTS, get_config
+from deepvit_jax.utils import atomic_output, path_str
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,6 @@ def _block_indices(sd, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
 
 
-def _grid_of(pos_embed_shape) -> int | None:
-    n = int(pos_embed_shape[1]) - 1
-    g = round(n**0.5)
-    return g if g * g == n else None
-
-
 def guess_official_variant(sd: Mapping[str, np.ndarray]) -> str | None:
     """The registry name whose structure the official-layout ``sd`` has, or None."""
     try:
@@ -315,7 +310,7 @@ def guess_official_variant(sd: Mapping[str, np.ndarray]) -> str | None:
         reattn = tuple(_block_indices(sd, r"blocks\.(\d+)\.attn\.reatten_matrix\."))
         dim = int(sd["cls_token"].shape[-1])
         stem = "patch_embed.conv1.weight" in sd
-        grid = _grid_of(sd["pos_embed"].shape)
+        grid = pos_embed_grid(sd["pos_embed"].shape)
     except (KeyError, IndexError):
         return None
     for name, cfg in VARIANTS.items():
@@ -340,7 +335,7 @@ def infer_vit_pytorch_config(sd: Mapping[str, np.ndarray], **overrides) -> Model
         mlp = int(sd["transformer.layers.0.1.net.1.weight"].shape[0])
         patch_dim = int(sd["to_patch_embedding.1.weight"].shape[0])
         num_classes = int(sd["mlp_head.1.weight"].shape[0])
-        grid = _grid_of(sd["pos_embedding"].shape)
+        grid = pos_embed_grid(sd["pos_embedding"].shape)
     except KeyError as e:
         raise ConversionError(f"not a vit-pytorch DeepViT state dict: no key {e}") from e
     patch = round((patch_dim / 3) ** 0.5)
@@ -375,7 +370,7 @@ def infer_timm_config(sd: Mapping[str, np.ndarray], **overrides) -> ModelConfig:
         mlp = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
         patch = int(sd["patch_embed.proj.weight"].shape[-1])
         num_classes = int(sd["head.weight"].shape[0])
-        grid = _grid_of(sd["pos_embed"].shape)
+        grid = pos_embed_grid(sd["pos_embed"].shape)
     except KeyError as e:
         raise ConversionError(f"not a timm ViT state dict: no key {e}") from e
     if grid is None:
@@ -386,11 +381,6 @@ def infer_timm_config(sd: Mapping[str, np.ndarray], **overrides) -> ModelConfig:
                 qkv_bias="blocks.0.attn.qkv.bias" in sd, reattn_blocks=(), ln_eps=1e-6,
                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
     return ModelConfig(**{**base, **overrides})
-
-
-# --------------------------------------------------------------------------------------
-# Position embeddings
-# --------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------
@@ -462,10 +452,10 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: s
         want = target[path][0]
         arr = np.ascontiguousarray(TRANSFORMS[tf][0](np.asarray(value)), dtype=np.float32)
         if path == ("pos_embed",) and arr.shape != want and arr.shape[-1] == want[-1] and \
-                _grid_of(arr.shape) is not None:
-            new_grid = _grid_of(want)
+                pos_embed_grid(arr.shape) is not None:
+            new_grid = pos_embed_grid(want)
             log.warning("resampling pos_embed from a %dx%d to a %dx%d token grid "
-                        "(image size %d)", _grid_of(arr.shape), _grid_of(arr.shape),
+                        "(image size %d)", pos_embed_grid(arr.shape), pos_embed_grid(arr.shape),
                         new_grid, new_grid, cfg.image_size)
             arr = resample_pos_embed(arr, new_grid)
         if arr.shape != want:
@@ -480,9 +470,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: s
     missing = []
     for p, (shape, _) in target.items():
         if p not in out:
-            hit = table.to_torch(path_str(p))
+            hit = table.to_torch(path_str(p, "."))
             missing.append(f"{hit[0]} {_torch_shape(shape, hit[1])}" if hit
-                           else f"{path_str(p)} {shape} (no {source} key maps to it)")
+                           else f"{path_str(p, '.')} {shape} (no {source} key maps to it)")
     if missing or unexpected or mismatched:
         hint = ""
         if source == "official":
@@ -510,7 +500,7 @@ def _target_config(sd, model, source, image_size, overrides) -> ModelConfig:
         if guess is None:
             raise ConversionError("cannot tell which DeepViT variant this official checkpoint "
                                   f"is: pass model= (one of {', '.join(VARIANTS)})")
-        grid = _grid_of(sd["pos_embed"].shape)
+        grid = pos_embed_grid(sd["pos_embed"].shape)
         cfg = get_config(guess, **overrides)
         if grid and cfg.grid_size != grid and image_size is None:
             cfg = cfg.replace(image_size=grid * cfg.patch_size)
@@ -589,9 +579,9 @@ def to_pytorch(model: DeepViT, layout: str | None = None) -> dict[str, Any]:
     table = _TABLES[layout]
     out: dict[str, Any] = {}
     for path, arr in model_arrays(model).items():
-        hit = table.to_torch(path_str(path))
+        hit = table.to_torch(path_str(path, "."))
         if hit is None:  # guarded by _layout_problems; kept as a clear failure
-            raise ConversionError(f"no {layout} key for weight {path_str(path)}")
+            raise ConversionError(f"no {layout} key for weight {path_str(path, '.')}")
         key, tf = hit
         out[key] = torch.from_numpy(np.array(TRANSFORMS[tf][1](arr), dtype=np.float32,
                                              order="C", copy=True))
@@ -608,20 +598,13 @@ def save_pytorch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> str:
     """Write a state dict as ``.safetensors`` (by extension) or ``torch.save`` otherwise,
     through a temporary file renamed into place."""
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial"
-    try:
+    with atomic_output(path) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
         else:
             _torch().save(dict(state_dict), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Literal
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -459,9 +458,14 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def block_types(cfg: ModelConfig) -> Sequence[str]:
-    """'reattn' or 'plain' for each block, in order."""
-    return ["reattn" if i in set(cfg.reattn_indices) else "plain" for i in range(cfg.depth)]
+def pos_embed_grid(shape) -> int | None:
+    """Side g of the square token grid of a (1, 1 + g*g, C) position embedding; None when
+    the shape is not a class token plus a square grid."""
+    if len(shape) != 3 or shape[0] != 1:
+        return None
+    n = int(shape[1]) - 1
+    g = math.isqrt(max(n, 0))
+    return g if n >= 1 and g * g == n else None
 
 
 def resample_pos_embed(pos_embed, new_grid: int, *, antialias: bool = True) -> np.ndarray:
@@ -472,9 +476,9 @@ def resample_pos_embed(pos_embed, new_grid: int, *, antialias: bool = True) -> n
     ``jax.image.resize`` uses the Keys cubic (a = -0.5) kernel, so values differ slightly
     from PyTorch's bicubic (a = -0.75)."""
     pos_embed = np.asarray(pos_embed, np.float32)
-    n, c = pos_embed.shape[1] - 1, pos_embed.shape[-1]
-    g = math.isqrt(max(n, 0))
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or n < 1 or g * g != n:
+    c = pos_embed.shape[-1]
+    g = pos_embed_grid(pos_embed.shape)
+    if g is None:
         raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not a class token + square "
                          "grid of tokens; cannot resample it")
     if g == new_grid:
