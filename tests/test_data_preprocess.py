@@ -54,3 +54,27 @@ def test_eval_preprocess_bad_input():
     with pytest.raises(ValueError, match="crop_pct"):
         eval_preprocess(np.zeros((8, 8, 3), np.uint8), image_size=8, crop_pct=1.5,
                         mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_resize_matches_tf_scale_and_translate(interpolation):
+    """The banded-matrix resize uses ScaleAndTranslate's weights: after rounding to uint8 it
+    equals tf.image.resize(antialias=True) except for rare pixels one grey level apart (the
+    float sums run in another order)."""
+    import tensorflow as tf
+
+    from deepvit_jax.data.preprocess import resize_uint8
+
+    img = skimage.data.coffee()                                   # 400 x 600
+    for size in [(224, 224), (248, 330), (300, 500), (31, 17), (500, 700)]:
+        ref = tf.image.resize(tf.cast(img, tf.float32), size, interpolation, antialias=True)
+        ref = np.clip(np.round(ref.numpy()), 0, 255).astype(int)
+        out = resize_uint8(img, size, interpolation).numpy().astype(int)
+        assert out.shape == (*size, 3)
+        d = np.abs(out - ref)
+        assert d.max() <= 1 and (d > 0).mean() < 0.003, (size, d.max(), (d > 0).mean())
+    crop = img[13:50, 7:57]                                       # upsampling a small crop
+    ref = tf.image.resize(tf.cast(crop, tf.float32), (224, 224), interpolation, antialias=True)
+    d = np.abs(resize_uint8(crop, (224, 224), interpolation).numpy().astype(int)
+               - np.clip(np.round(ref.numpy()), 0, 255))
+    assert d.max() <= 1 and (d > 0).mean() < 0.003

@@ -1,4 +1,5 @@
-"""Host-side training augmentation in tf.data, following timm's recipe (reference §6).
+"""Host-side training augmentation in tf.data, following timm's recipe (the official DeepViT
+training script calls timm's ``create_transform``).
 
 Order (as timm's ``create_transform(is_training=True)``): random-resized crop (+ random
 bilinear/bicubic resize) -> horizontal flip -> RandAugment (uint8) -> normalise -> random
@@ -19,6 +20,12 @@ Why hand-written instead of Keras / keras_cv / tf-models-official layers:
 * Random erasing has no TF library version with timm's semantics.
 Deviation: the affine ops (rotate/shear/translate) use bilinear sampling only (TF's projective
 transform has no bicubic); timm picks bilinear or bicubic at random.
+
+RandAugment is table-driven as timm's ``auto_augment``: ``LEVEL_TO_ARG`` (name -> magnitude
+formula, shared with the on-device version in ``device_augment.py``) and ``NAME_TO_OP`` (name
+-> TF op).  With ``data.device_augment`` the host stops after crop + resize + flip and hands
+uint8 images to ``device_augment.make_device_augment`` (RandAugment, normalise, erasing in the
+jitted train step).
 """
 
 from __future__ import annotations
@@ -98,8 +105,7 @@ def decode_random_crop(encoded, seed, scale, ratio):
     window = tf.stack([top, left, h, w])
 
     def jpeg():
-        img = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-        return img
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
 
     def other():
         img = preprocess.decode_image(encoded)
@@ -228,17 +234,15 @@ def pil_affine(image, matrix, fill):
     f2 = f + 0.5 * (d + e) - 0.5
     transform = tf.stack([a, b, c2, d, e, f2, 0.0, 0.0])[None]
     shape = tf.shape(image)
-
-    def warp(x):
-        return tf.raw_ops.ImageProjectiveTransformV3(
-            images=x[None], transforms=transform, output_shape=shape[:2], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-
     # ImageProjectiveTransform fills with one scalar: warp with fill 0 and add the per-channel
-    # fill colour weighted by how much of each sample fell outside (warp of an all-ones image).
-    out = warp(tf.cast(image, tf.float32))
-    inside = warp(tf.ones_like(tf.cast(image[..., :1], tf.float32)))
-    out = out + (1.0 - inside) * tf.cast(fill, tf.float32)
+    # fill colour weighted by how much of each sample fell outside, i.e. the warp of an
+    # all-ones channel (warped together with the image: one call).
+    x = tf.cast(image, tf.float32)
+    x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform, output_shape=shape[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    out = out[..., :3] + (1.0 - out[..., 3:]) * tf.cast(fill, tf.float32)
     return _to_u8(out)
 
 
@@ -321,68 +325,75 @@ def parse_randaugment(spec: str) -> dict:
     return out
 
 
+def _enhance_level(frac, sign, xp):
+    return xp.maximum(0.1, 1.0 + frac * 0.9 * sign)
+
+
+# timm ``auto_augment.LEVEL_TO_ARG``: name -> f(frac = level / 10, sign = +-1, xp), with ``xp``
+# ``tf.math`` (host) or ``jax.numpy`` (device), so both paths use the same formulas.
+LEVEL_TO_ARG = {
+    "AutoContrast": lambda frac, sign, xp: 0.0 * frac,
+    "Equalize": lambda frac, sign, xp: 0.0 * frac,
+    "Invert": lambda frac, sign, xp: 0.0 * frac,
+    "Rotate": lambda frac, sign, xp: frac * 30.0 * sign,
+    "Posterize": lambda frac, sign, xp: xp.floor(frac * 4.0),
+    "PosterizeIncreasing": lambda frac, sign, xp: 4.0 - xp.floor(frac * 4.0),
+    "Solarize": lambda frac, sign, xp: xp.floor(frac * 256.0),
+    "SolarizeIncreasing": lambda frac, sign, xp: 256.0 - xp.floor(frac * 256.0),
+    "SolarizeAdd": lambda frac, sign, xp: xp.floor(frac * 110.0),
+    "Color": lambda frac, sign, xp: frac * 1.8 + 0.1,
+    "ColorIncreasing": _enhance_level,
+    "Contrast": lambda frac, sign, xp: frac * 1.8 + 0.1,
+    "ContrastIncreasing": _enhance_level,
+    "Brightness": lambda frac, sign, xp: frac * 1.8 + 0.1,
+    "BrightnessIncreasing": _enhance_level,
+    "Sharpness": lambda frac, sign, xp: frac * 1.8 + 0.1,
+    "SharpnessIncreasing": _enhance_level,
+    "ShearX": lambda frac, sign, xp: frac * 0.3 * sign,
+    "ShearY": lambda frac, sign, xp: frac * 0.3 * sign,
+    "TranslateXRel": lambda frac, sign, xp: frac * 0.45 * sign,
+    "TranslateYRel": lambda frac, sign, xp: frac * 0.45 * sign,
+}
+
+# timm ``auto_augment.NAME_TO_OP``: name -> f(uint8 image, arg, fill colour) in TF.
+NAME_TO_OP = {
+    "AutoContrast": lambda img, arg, fill: autocontrast(img),
+    "Equalize": lambda img, arg, fill: equalize(img),
+    "Invert": lambda img, arg, fill: invert(img),
+    "Rotate": rotate,
+    "Posterize": lambda img, arg, fill: posterize(img, arg),
+    "PosterizeIncreasing": lambda img, arg, fill: posterize(img, arg),
+    "Solarize": lambda img, arg, fill: solarize(img, arg),
+    "SolarizeIncreasing": lambda img, arg, fill: solarize(img, arg),
+    "SolarizeAdd": lambda img, arg, fill: solarize_add(img, arg),
+    "Color": lambda img, arg, fill: color(img, arg),
+    "ColorIncreasing": lambda img, arg, fill: color(img, arg),
+    "Contrast": lambda img, arg, fill: contrast(img, arg),
+    "ContrastIncreasing": lambda img, arg, fill: contrast(img, arg),
+    "Brightness": lambda img, arg, fill: brightness(img, arg),
+    "BrightnessIncreasing": lambda img, arg, fill: brightness(img, arg),
+    "Sharpness": lambda img, arg, fill: sharpness(img, arg),
+    "SharpnessIncreasing": lambda img, arg, fill: sharpness(img, arg),
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
+}
+
+
 def level_to_arg(name: str, level, negate):
-    """timm's level -> argument functions (``auto_augment.LEVEL_TO_ARG``) in TF.  ``negate`` is
-    timm's ``_randomly_negate`` coin (bool)."""
-    level = tf.cast(level, tf.float32)
-    sign = tf.where(negate, -1.0, 1.0)
-    frac = level / LEVEL_DENOM
-    if name == "Rotate":
-        return frac * 30.0 * sign
-    if name in ("ShearX", "ShearY"):
-        return frac * 0.3 * sign
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return frac * 0.45 * sign
-    if name == "Posterize":
-        return tf.floor(frac * 4.0)
-    if name == "PosterizeIncreasing":
-        return 4.0 - tf.floor(frac * 4.0)
-    if name == "Solarize":
-        return tf.floor(frac * 256.0)
-    if name == "SolarizeIncreasing":
-        return 256.0 - tf.floor(frac * 256.0)
-    if name == "SolarizeAdd":
-        return tf.floor(frac * 110.0)
-    if name.endswith("Increasing"):     # Color/Contrast/Brightness/Sharpness increasing
-        return tf.maximum(0.1, 1.0 + frac * 0.9 * sign)
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return frac * 1.8 + 0.1
-    return tf.constant(0.0)
+    """timm's level -> argument of op ``name``; ``negate`` is timm's ``_randomly_negate`` coin
+    (bool)."""
+    frac = tf.cast(level, tf.float32) / LEVEL_DENOM
+    return LEVEL_TO_ARG[name](frac, tf.where(negate, -1.0, 1.0), tf.math)
 
 
 def apply_op(name: str, image, arg, fill):
-    base = name.replace("Increasing", "")
-    if base == "AutoContrast":
-        return autocontrast(image)
-    if base == "Equalize":
-        return equalize(image)
-    if base == "Invert":
-        return invert(image)
-    if base == "Rotate":
-        return rotate(image, arg, fill)
-    if base == "Posterize":
-        return posterize(image, arg)
-    if base == "Solarize":
-        return solarize(image, arg)
-    if base == "SolarizeAdd":
-        return solarize_add(image, arg)
-    if base == "Color":
-        return color(image, arg)
-    if base == "Contrast":
-        return contrast(image, arg)
-    if base == "Brightness":
-        return brightness(image, arg)
-    if base == "Sharpness":
-        return sharpness(image, arg)
-    if base == "ShearX":
-        return shear_x(image, arg, fill)
-    if base == "ShearY":
-        return shear_y(image, arg, fill)
-    if base == "TranslateXRel":
-        return translate_x_rel(image, arg, fill)
-    if base == "TranslateYRel":
-        return translate_y_rel(image, arg, fill)
-    raise ValueError(f"unknown RandAugment op {name!r}")
+    try:
+        op = NAME_TO_OP[name]
+    except KeyError:
+        raise ValueError(f"unknown RandAugment op {name!r} (known: {sorted(NAME_TO_OP)})") from None
+    return op(image, arg, fill)
 
 
 def sample_magnitude(seed, magnitude, magnitude_std, magnitude_max=None):
@@ -461,12 +472,13 @@ def random_erasing(image, seed, *, probability=0.25, mode="pixel", max_count=1,
         left = tf.minimum(tf.cast(u[1] * tf.cast(width - wk + 1, tf.float32), tf.int32), width - wk)
         def erase(x=image, top=top, left=left, hk=hk, wk=wk, s3=sj[3]):
             inside = (rows >= top) & (rows < top + hk) & (cols >= left) & (cols < left + wk)
-            if mode == "pixel":
-                fill = tf.random.stateless_normal(tf.shape(x), s3)
+            if mode == "pixel":       # noise for the box only (as timm), padded to the image
+                fill = tf.random.stateless_normal(tf.stack([hk, wk, 3]), s3)
+                fill = tf.pad(fill, [[top, height - top - hk], [left, width - left - wk], [0, 0]])
             elif mode == "rand":
-                fill = tf.random.stateless_normal([1, 1, 3], s3) + tf.zeros_like(x)
+                fill = tf.random.stateless_normal([1, 1, 3], s3)
             else:
-                fill = tf.zeros_like(x)
+                fill = tf.zeros([1, 1, 1], x.dtype)
             return tf.where(inside, fill, x)
 
         active = do & tf.reduce_any(ok) & (j < count)
@@ -481,7 +493,10 @@ def random_erasing(image, seed, *, probability=0.25, mode="pixel", max_count=1,
 
 def make_train_augment(data_cfg, *, image_size: int, mean: Sequence[float],
                        std: Sequence[float]):
-    """-> fn(encoded_bytes, seed int64[2]) -> float32 (S, S, 3), per the config switches."""
+    """-> fn(encoded_bytes, seed int64[2]) -> float32 (S, S, 3), per the config switches.
+
+    With ``data_cfg.device_augment`` the host part stops after crop + resize + flip and
+    returns uint8 (S, S, 3); ``device_augment.make_device_augment`` does the rest on device."""
     size = int(image_size)
     rrc = bool(data_cfg.random_resized_crop)
     scale = tuple(float(v) for v in data_cfg.rrc_scale)
@@ -495,6 +510,7 @@ def make_train_augment(data_cfg, *, image_size: int, mean: Sequence[float],
     erase_p = float(data_cfg.random_erasing)
     erase_mode = str(data_cfg.erasing_mode)
     erase_count = int(data_cfg.erasing_count)
+    on_device = bool(data_cfg.get("device_augment", False))
     if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"data.rrc_scale={scale} / data.rrc_ratio={ratio} are not valid ranges")
 
@@ -506,7 +522,11 @@ def make_train_augment(data_cfg, *, image_size: int, mean: Sequence[float],
             img = preprocess.decode_image(encoded)
         img = random_interp_resize(img, size, interp, s[1])
         if hflip > 0:
-            img = tf.where(_uniform(s[2]) < hflip, tf.image.flip_left_right(img), img)
+            img = tf.cond(_uniform(s[2]) < hflip, lambda: tf.image.flip_left_right(img),
+                          lambda: img)
+        if on_device:
+            img.set_shape([size, size, 3])
+            return img
         if ra is not None:
             img = randaugment(img, s[3], ra, fill)
         x = preprocess.normalize(img, mean, std)

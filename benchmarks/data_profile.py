@@ -1,0 +1,168 @@
+"""Op-by-op cost of the input pipeline, per CPU core, on ImageNet-like 500x375 JPEGs.
+
+Each op runs as a ``tf.data`` map over in-memory inputs with one thread (TF intra/inter-op
+threads = 1, a one-thread private pool) and the dataset is consumed by ``Dataset.reduce`` (no
+Python per element), so the numbers are microseconds per image **per core**.  The "identity
+map" row is the per-example tf.data overhead included in every other row.  A PIL decode +
+resize loop (the floor of ``data_throughput.py``) runs in the same process, for scale.
+
+    python benchmarks/data_profile.py [--num-images 200] [--repeats 3]
+
+Writes benchmarks/results/data_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _sibling(name: str):
+    """A module of this folder (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def time_map(elements, fn, repeats: int) -> float:
+    """Best-of-``repeats`` microseconds per element of ``ds.map(fn)`` on one thread."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(elements).map(fn, num_parallel_calls=1)
+    ds = ds.map(lambda *x: 0)
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = 1
+    opts.threading.max_intra_op_parallelism = 1
+    opts.autotune.enabled = False
+    ds = ds.with_options(opts)
+    n = int(ds.reduce(0, lambda s, _: s + 1))        # warm-up (tracing)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ds.reduce(0, lambda s, _: s + 1)
+        best = min(best, (time.perf_counter() - t) / n)
+    return best * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                 "data_profile.json"))
+    args = p.parse_args(argv)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.set_visible_devices([], "GPU")
+    from deepvit_jax.data import augment as A
+    from deepvit_jax.data import preprocess as P
+    from deepvit_jax.data.config import default_data_config
+
+    throughput = _sibling("data_throughput")
+    bench_pil, make_jpegs = throughput.bench_pil, throughput.make_jpegs
+    size = args.image_size
+    rep = args.repeats
+    jpegs = make_jpegs(args.num_images, (500, 375))
+    enc = tf.constant(jpegs)
+    seeds = tf.stack([tf.fill([len(jpegs)], tf.constant(7, tf.int64)),
+                      tf.range(len(jpegs), dtype=tf.int64)], axis=1)
+    # RRC windows as the recipe draws them (for the crop-decode rows)
+    windows = tf.stack([tf.stack(A.rrc_window(seeds[i], 375, 500)) for i in range(len(jpegs))])
+    full = tf.stack([tf.io.decode_jpeg(j) for j in jpegs])                   # (N, 375, 500, 3)
+    crops = [tf.image.crop_to_bounding_box(full[i], *[int(v) for v in windows[i]])
+             for i in range(len(jpegs))]
+
+    def crop(x, w):
+        return tf.image.crop_to_bounding_box(x, w[0], w[1], w[2], w[3])
+    small = tf.stack([P.resize_uint8(c, (size, size), "bilinear") for c in crops])  # (N,S,S,3)
+    norm = P.normalize(small, (0.5,) * 3, (0.5,) * 3)
+    ra = A.parse_randaugment(default_data_config().randaugment)
+    fill = tf.constant([128.0] * 3)
+
+    rows: dict[str, float] = {}
+
+    def row(name, elements, fn):
+        rows[name] = round(time_map(elements, fn, rep), 1)
+        print(f"{name:58s} {rows[name]:9.1f} us/img", flush=True)
+
+    pil = bench_pil(jpegs, size, rep)
+    rows["PIL floor: decode + RGB + bilinear resize (the floor)"] = round(1e6 / pil, 1)
+    print(f"PIL floor {1e6 / pil:.1f} us/img")
+    row("tf.data per-example overhead (identity map, uint8 SxS)", small, lambda x: x)
+    row("extract_jpeg_shape", enc, lambda e: tf.io.extract_jpeg_shape(e))
+    for dct in ("INTEGER_FAST", "INTEGER_ACCURATE"):
+        row(f"decode_jpeg full 500x375, dct_method={dct}", enc,
+            lambda e, d=dct: tf.io.decode_jpeg(e, channels=3, dct_method=d))
+    row("decode_image (generic) full 500x375", enc,
+        lambda e: tf.io.decode_image(e, channels=3, expand_animations=False))
+    row("decode_jpeg full, ratio=2 (DCT scaling 1/2)", enc,
+        lambda e: tf.io.decode_jpeg(e, channels=3, ratio=2))
+    for dct in ("INTEGER_FAST", "INTEGER_ACCURATE"):
+        row(f"decode_and_crop_jpeg RRC window, dct_method={dct}", (enc, windows),
+            lambda e, w, d=dct: tf.image.decode_and_crop_jpeg(e, w, channels=3, dct_method=d))
+    row("RRC window sampling (rrc_window, header shape)", (enc, seeds),
+        lambda e, s: tf.stack(A.rrc_window(s, *tf.unstack(tf.io.extract_jpeg_shape(e)[:2]))))
+    for interp in ("bilinear", "bicubic"):
+        row(f"crop + resize RRC crop -> {size} {interp} antialias (current)", (full, windows),
+            lambda x, w, i=interp: P.resize_uint8(crop(x, w), (size, size), i))
+        row(f"crop + resize RRC crop -> {size} {interp} no antialias", (full, windows),
+            lambda x, w, i=interp: tf.cast(tf.image.resize(crop(x, w), (size, size), i),
+                                           tf.uint8))
+    row("crop only (slice of the decoded image)", (full, windows), crop)
+    row(f"eval resize 500x375 -> shorter {int(size / 0.9)} bicubic antialias", full,
+        lambda x: P.resize_shorter_side(x, int(size / 0.9), "bicubic"))
+    row("flip (tf.where on coin)", (small, seeds),
+        lambda x, s: tf.where(A._uniform(s) < 0.5, tf.image.flip_left_right(x), x))
+    for name in ra["transforms"]:
+        row(f"RandAugment op {name} (m=9)", small,
+            lambda x, n=name: A.apply_op(n, x, A.level_to_arg(n, 9.0, False), fill))
+    row("RandAugment full (2 layers, p=0.5, switch_case)", (small, seeds),
+        lambda x, s: A.randaugment(x, s, ra, (128, 128, 128)))
+    row("normalise uint8 -> float32", small, lambda x: P.normalize(x, (0.5,) * 3, (0.5,) * 3))
+    row("random erasing, always applied (p=1)", (norm, seeds),
+        lambda x, s: A.random_erasing(x, s, probability=1.0))
+    row("random erasing, recipe (p=0.25)", (norm, seeds),
+        lambda x, s: A.random_erasing(x, s, probability=0.25))
+    cfg = default_data_config()
+    fn = A.make_train_augment(cfg, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    row("full training recipe (make_train_augment)", (enc, seeds), fn)
+    if "device_augment" in cfg:
+        cfg.device_augment = True
+        fn = A.make_train_augment(cfg, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+        row("host part with device_augment=True", (enc, seeds), fn)
+
+    record = {
+        "benchmark": "data_profile",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": "500x375 JPEG quality 90 cut from scikit-image photographs",
+        "output_size": size, "num_images": args.num_images, "repeats": rep,
+        "unit": "microseconds per image, one thread (best of repeats)",
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "tensorflow": tf.__version__,
+                 "note": "2-core machine shared with other jobs: absolute numbers are noisy, "
+                         "compare rows of one run"},
+        "rows_us_per_image": rows,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
