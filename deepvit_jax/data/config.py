@@ -41,6 +41,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_erasing = 0.25             # probability; 0 disables
     c.erasing_mode = "pixel"            # 'pixel' (per-pixel N(0,1)) | 'rand' | 'const'
     c.erasing_count = 1
+    # True: the host stops after crop + resize + flip and yields uint8 (B, S, S, 3) batches;
+    # RandAugment, normalisation and random erasing run in the jitted train step
+    # (data/device_augment.py, same ops, magnitudes and probabilities).
+    c.device_augment = False
     # --- on-device batch mixing (mix.py, called by the train step) ----------------------
     c.mixup_alpha = 0.8
     c.cutmix_alpha = 1.0
