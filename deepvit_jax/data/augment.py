@@ -408,6 +408,19 @@ def sample_magnitude(seed, magnitude, magnitude_std, magnitude_max=None):
     return tf.clip_by_value(m, 0.0, upper)
 
 
+def draw_layer(seed, params: dict):
+    """(op index, apply, level, negate) of one RandAugment layer: op uniform over the
+    transforms, applied with probability ``prob`` (timm skips when random() > prob), level
+    from ``sample_magnitude``, sign coin 0.5."""
+    s = split_seed(seed, 4)
+    op = tf.random.stateless_uniform((), s[0], 0, len(params["transforms"]), dtype=tf.int32)
+    apply = _uniform(s[1]) <= params["prob"]
+    level = sample_magnitude(s[2], params["magnitude"], params["magnitude_std"],
+                             params["magnitude_max"])
+    negate = _uniform(s[3]) > 0.5
+    return op, apply, level, negate
+
+
 def randaugment(image, seed, params: dict, fill: Sequence[int]):
     """timm ``RandAugment``: ``num_layers`` ops drawn uniformly with replacement, each applied
     with probability 0.5, magnitude sampled per op."""
@@ -415,12 +428,7 @@ def randaugment(image, seed, params: dict, fill: Sequence[int]):
     fill = tf.constant([float(v) for v in fill], tf.float32)
     seeds = split_seed(seed, params["num_layers"])
     for layer in range(params["num_layers"]):
-        s = split_seed(seeds[layer], 4)
-        op = tf.random.stateless_uniform((), s[0], 0, len(names), dtype=tf.int32)
-        apply = _uniform(s[1]) <= params["prob"]          # timm skips when random() > prob
-        level = sample_magnitude(s[2], params["magnitude"], params["magnitude_std"],
-                                 params["magnitude_max"])
-        negate = _uniform(s[3]) > 0.5
+        op, apply, level, negate = draw_layer(seeds[layer], params)
 
         def branch(name, image=image, level=level, negate=negate):
             return lambda: apply_op(name, image, level_to_arg(name, level, negate), fill)
