@@ -132,7 +132,7 @@ def test_reattention_matches_numpy_formula(transform_scale):
                        (bn.mean, rng.normal(0, .1, 4)), (bn.var, rng.uniform(.01, .2, 4))]:
         var[...] = jnp.asarray(value, jnp.float32)
     x = rng.normal(size=(2, 9, 24)).astype(np.float32)
-    out, a = attn(jnp.asarray(x))
+    out, a = attn(jnp.asarray(x), return_attention=True)  # maps: the reference formulas
     ref_out, ref_a = numpy_attention(
         x.astype(np.float64), _np(attn.qkv.kernel), _np(attn.qkv.bias), _np(attn.proj.kernel),
         _np(attn.proj.bias), 4, theta=_np(attn.reattn_weight), theta_b=_np(attn.reattn_bias),
@@ -140,6 +140,9 @@ def test_reattention_matches_numpy_formula(transform_scale):
         scale_map=6**-0.5 if transform_scale else 1.0)
     np.testing.assert_allclose(np.asarray(a), ref_a, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
+    # The default implementation (no maps returned) computes the same output.
+    np.testing.assert_allclose(np.asarray(attn(jnp.asarray(x))[0]), ref_out, atol=1e-5,
+                               rtol=1e-5)
     # The mixed map is not re-normalised: its rows do not sum to 1.
     assert np.abs(np.asarray(a).sum(-1) - 1).max() > 1e-2
 
@@ -147,7 +150,7 @@ def test_reattention_matches_numpy_formula(transform_scale):
 def test_plain_attention_matches_numpy_and_rows_sum_to_one():
     attn = _attention(False)
     x = np.random.default_rng(1).normal(size=(2, 9, 24)).astype(np.float32)
-    out, a = attn(jnp.asarray(x))
+    out, a = attn(jnp.asarray(x), return_attention=True)
     ref_out, _ = numpy_attention(x.astype(np.float64), _np(attn.qkv.kernel),
                                      _np(attn.qkv.bias), _np(attn.proj.kernel),
                                      _np(attn.proj.bias), 4)
@@ -164,7 +167,7 @@ def test_identity_reattention_equals_plain_attention():
     re.reattn_weight[...] = jnp.eye(4)
     re.reattn_bias[...] = jnp.zeros(4)
     x = jax.random.normal(jax.random.key(0), (2, 9, 24))
-    (out_p, a_p), (out_r, a_r) = plain(x), re(x)
+    (out_p, a_p), (out_r, a_r) = plain(x, return_attention=True), re(x, return_attention=True)
     np.testing.assert_allclose(np.asarray(a_r), np.asarray(a_p), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(out_r), np.asarray(out_p), atol=1e-6, rtol=0)
 
@@ -179,14 +182,14 @@ def test_reattention_batchnorm_train_mode_uses_and_moves_batch_statistics():
     attn.train()
     # Large inputs give peaked softmax maps, so the per-head variance is not tiny.
     x = 10 * jax.random.normal(jax.random.key(5), (3, 9, 24))
-    _, a = attn(x)
+    _, a = attn(x, return_attention=True)
     # Recompute the mixed, un-normalised map and its per-head statistics in NumPy.
     attn.eval()
     bn = attn.reattn_norm
     saved = bn.mean[...], bn.var[...]
     bn.mean[...] = jnp.zeros(4)  # identity BatchNorm: (x - 0) / sqrt(1 - eps + eps)
     bn.var[...] = jnp.ones(4) - bn.epsilon
-    _, mixed = attn(x)
+    _, mixed = attn(x, return_attention=True)
     mixed = np.asarray(mixed, np.float64)
     mu = mixed.mean(axis=(0, 2, 3))
     var = mixed.var(axis=(0, 2, 3))

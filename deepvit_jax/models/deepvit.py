@@ -29,6 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepvit_jax.models import attention
+from deepvit_jax.models.attention import reference as ref_attn
+from deepvit_jax.models.attention import xla as xla_attn
+
 F32 = jnp.float32
 
 # --------------------------------------------------------------------------------------
@@ -74,6 +78,11 @@ class ModelConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the blocks
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False  # rematerialise each block in the backward pass
+    # Attention implementation (models/attention/): 'reference' (the paper's einsums, the
+    # parity oracle), 'xla' (heads-major, folded train-mode Re-attention with a custom VJP),
+    # 'pallas' (fused kernels) or 'auto' (the fastest correct one for the backend). A
+    # computation choice, not part of the architecture: every value gives the same model.
+    attention_impl: str = "auto"
     # Evaluation preprocessing (used by predict and the data pipeline).
     crop_pct: float = 0.9
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -122,6 +131,7 @@ class ModelConfig:
             "pool": ("cls", "mean"),
             "head_norm": ("before_pool", "after_pool"),
             "dtype": ("float32", "bfloat16", "float16"),
+            "attention_impl": attention.IMPLS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -308,8 +318,10 @@ class LinearPatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention, with Re-attention when ``reattention`` is True.
 
-    Returns ``(out, attn)`` where ``attn`` is the (B, H, N, N) map that weighs the values:
-    the softmax map for a plain block, the mixed and normalised map for Re-attention.
+    Returns ``(out, attn)``. With ``return_attention=True``, ``attn`` is the (B, H, N, N)
+    map that weighs the values (the softmax map for a plain block, the mixed and normalised
+    map for Re-attention), computed by the reference formulas; otherwise it is None and the
+    call runs the configured implementation (``ModelConfig.attention_impl``).
     """
 
     def __init__(self, cfg: ModelConfig, *, reattention: bool, rngs: nnx.Rngs):
@@ -318,6 +330,8 @@ class Attention(nnx.Module):
         self.scale = hd**-0.5
         self.dtype = cfg.dtype
         self.reattention = reattention
+        self.attention_impl = cfg.attention_impl
+        self.reattn_kind = cfg.reattn_norm
         self.qkv = _linear(cfg.embed_dim, 3 * h * hd, cfg, rngs, use_bias=cfg.qkv_bias)
         self.attn_drop = nnx.Dropout(cfg.attn_drop_rate, rngs=rngs)
         if reattention:
@@ -336,22 +350,52 @@ class Attention(nnx.Module):
         self.proj = _linear(h * hd, cfg.embed_dim, cfg, rngs)
         self.proj_drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
 
-    def __call__(self, x):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
-        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=F32) * self.scale
-        attn = jax.nn.softmax(logits, axis=-1)  # float32
-        attn = self.attn_drop(attn)
+    def _impl(self, return_attention: bool) -> str:
+        impl = attention.resolve(self.attention_impl)
+        dropout = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
+        if (return_attention or dropout
+                or (self.reattention and self.reattn_kind != "batchnorm")):
+            return "reference"  # the fold needs rows summing to 1 and BatchNorm
+        return impl
+
+    def __call__(self, x, *, return_attention: bool = False):
+        impl = self._impl(return_attention)
+        if impl == "reference":
+            return self._reference(x)
+        qkv = self.qkv(x)
+        q, k, v = xla_attn.split_qkv(qkv, self.num_heads, self.head_dim)  # (B, H, N, hd)
+        if not self.reattention:
+            out = attention.plain(impl, q, k, v, scale=self.scale)
+        else:
+            bn, w = self.reattn_norm, self.reattn_weight[...]
+            bias = self.reattn_bias[...] if self.reattn_bias is not None else None
+            gamma, beta = bn.scale[...] * self.reattn_scale, bn.bias[...] * self.reattn_scale
+            if bn.use_running_average:
+                mix, shift = attention.eval_fold(w, bias, gamma, beta, bn.mean[...],
+                                                 bn.var[...], bn.epsilon)
+                out = attention.reattention_eval(impl, q, k, v, mix, shift, scale=self.scale)
+            else:
+                out, var = attention.reattention_train(impl, q, k, v, w, gamma, beta,
+                                                       scale=self.scale, eps=bn.epsilon)
+                # The batch mean of the mixed maps is exact (softmax rows sum to 1).
+                n = q.shape[2]
+                mean = jnp.sum(w, axis=1) / n + (bias if bias is not None else 0.0)
+                m, count = bn.momentum, q.shape[0] * n * n
+                bn.mean[...] = m * bn.mean[...] + (1 - m) * mean
+                bn.var[...] = m * bn.var[...] + (1 - m) * var * (count / max(count - 1, 1))
+        out = self.proj(xla_attn.merge_heads(out))
+        return self.proj_drop(out), None
+
+    def _reference(self, x):
+        """The paper's formulas, tokens-major (models/attention/reference.py)."""
+        q, k, v = ref_attn.split_qkv(self.qkv(x), self.num_heads, self.head_dim)
+        attn = self.attn_drop(ref_attn.softmax_maps(q, k, self.scale))  # float32
         if self.reattention:
-            # Head mixing, accumulated in float32: A'[b,o,i,j] = sum_h W[o,h] A[b,h,i,j] + b[o]
-            attn = jnp.einsum("oh,bhij->boij", self.reattn_weight[...], attn,
-                              preferred_element_type=F32)
-            if self.reattn_bias is not None:
-                attn = attn + self.reattn_bias[...][None, :, None, None]
+            attn = ref_attn.mix_heads(self.reattn_weight[...],
+                                      None if self.reattn_bias is None else self.reattn_bias[...],
+                                      attn)
             attn = self.reattn_norm(attn) * self.reattn_scale
-        out = jnp.einsum("bhij,bjhd->bihd", attn.astype(v.dtype), v)
-        out = self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
+        out = self.proj(ref_attn.weigh_values(attn, v))
         return self.proj_drop(out), attn
 
 
@@ -380,9 +424,9 @@ class Block(nnx.Module):
         # Drop path = dropout of whole samples: broadcast the mask over tokens and channels.
         self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, return_attention: bool = False):
         r = self.adjust_ratio
-        y, attn = self.attn(self.norm1(x * r))
+        y, attn = self.attn(self.norm1(x * r), return_attention=return_attention)
         x = x + self.drop_path(y / r)
         x = x + self.drop_path(self.mlp(self.norm2(x * r))) / r
         return x, attn
@@ -438,9 +482,10 @@ class DeepViT(nnx.Module):
         maps = []
         for blk in self.blocks:
             if cfg.remat:
-                x, attn = nnx.remat(lambda m, y: m(y))(blk, x)
+                x, attn = nnx.remat(
+                    lambda m, y: m(y, return_attention=return_attention))(blk, x)
             else:
-                x, attn = blk(x)
+                x, attn = blk(x, return_attention=return_attention)
             if return_attention:
                 maps.append(attn)
 
