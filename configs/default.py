@@ -11,38 +11,36 @@ BatchNorm statistics re-estimated on 10 training batches before each evaluation 
 checkpoint by EMA top-1).
 """
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common
 from deepvit_jax.data.config import digits_data_config
+from deepvit_jax.train import config as config_lib
 
 
 def get_config():
-    c = common.base_config("deepvit_16b")
-    c.update(digits_data_config())
-    o = c.model_overrides
-    o.image_size = 32
-    o.patch_size = 8
-    o.embed_dim = 64
-    o.depth = 4
-    o.num_heads = 4
-    o.reattn_blocks = (0, 1, 2, 3)
-    o.crop_pct = 1.0
+    c = config_lib.base_config("deepvit_16b")
+    c.data.update(digits_data_config())
+    c.mix.mixup_alpha = 0.0
+    c.mix.cutmix_alpha = 0.0
+    m = c.model
+    m.image_size = 32
+    m.patch_size = 8
+    m.embed_dim = 64
+    m.depth = 4
+    m.num_heads = 4
+    m.reattn_blocks = (0, 1, 2, 3)
+    m.crop_pct = 1.0
     c.batch_size = 128
     c.num_epochs = 50
     c.cooldown_epochs = 0
     c.warmup_epochs = 3
-    c.learning_rate = 2e-3
-    c.min_lr = 1e-5
+    c.optim.learning_rate = 2e-3
+    c.optim.min_lr = 1e-5
     # EMA over 550 steps: a short horizon. The EMA weights need their own BatchNorm
     # statistics (re-estimated): with the EMA-averaged ones they scored ~64-77% vs ~97%.
     c.ema_decay = 0.99
-    c.bn_recalibration_batches = 10
+    c.eval.bn_recalibration_batches = 10
     c.log_every_steps = 20
-    c.eval_every_steps = 110
-    c.checkpoint_every_steps = 110
-    c.keep_checkpoints = 2
+    c.eval.every_steps = 110
+    c.checkpoint.every_steps = 110
+    c.checkpoint.keep = 2
     c.seed = 0
-    return common.lock(c)
+    return config_lib.lock(c)

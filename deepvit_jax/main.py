@@ -1,7 +1,9 @@
-"""Train DeepViT / ViT: ``python -m deepvit_jax.main --config configs/NAME.py --workdir DIR``.
+"""Train DeepViT / ViT: ``python -m deepvit_jax.main --config configs/FILE.py[:ARG] --workdir DIR``
+(e.g. ``--config configs/default.py``, ``--config configs/i1k.py:deepvit_16b``).
 
 Any config field can be overridden: ``--config.batch_size=256``,
-``--config.model_overrides.depth=4``, ``--config.mesh.fsdp=8``. Running the same command
+``--config.model.depth=4``, ``--config.mesh.fsdp=8`` (the sections are described in
+``deepvit_jax/train/config.py``). Running the same command
 again resumes from the latest complete checkpoint in ``DIR/checkpoints``.
 
 Multi-host: on TPU pods and under SLURM (several tasks) ``jax.distributed`` is initialised
@@ -21,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (configs/NAME.py).", lock_config=True)
+    "config", None, "Training config file and its argument (configs/FILE.py[:ARG]).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
 _COORD = flags.DEFINE_string("coordinator_address", "",
                              "host:port of process 0 for multi-process runs outside TPU/SLURM.")
@@ -52,20 +55,22 @@ def _setup_logging(workdir: str, is_main: bool) -> None:
 def main(argv):
     del argv
     from deepvit_jax import parallel
+    from deepvit_jax.errors import ConfigError
 
     try:
         parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    except parallel.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     import jax
 
     _setup_logging(_WORKDIR.value, jax.process_index() == 0)
-    from deepvit_jax.train.loop import NonFiniteLossError, train_and_evaluate
+    from deepvit_jax.train.loop import train_and_evaluate
+    from deepvit_jax.train.reporting import NonFiniteLossError
 
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except parallel.ConfigError as e:
+    except ConfigError as e:
         print(f"error: bad config: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:

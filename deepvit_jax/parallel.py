@@ -24,12 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from deepvit_jax.errors import ConfigError
+from deepvit_jax.utils import path_str
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the config field."""
 
 
 # --------------------------------------------------------------------------------------
@@ -143,22 +142,6 @@ TENSOR_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"mlp/fc1/bias$", ("tensor",)),
     (r"mlp/fc2/kernel$", ("tensor", None)),
 ]
-
-
-def path_str(path) -> str:
-    """'/'-joined keys of a jax tree path (attribute accessors like ``.value`` dropped)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                parts.append(k.name)
-        else:
-            parts.append(str(getattr(k, "key", k)))
-    return "/".join(parts)
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh,

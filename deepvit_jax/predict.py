@@ -54,8 +54,10 @@ def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
     of the model's size, with one label per row for printing."""
     import tensorflow as tf
 
-    from deepvit_jax.data.preprocess import decode_image, eval_preprocess
+    from deepvit_jax.data.pipeline import ImageSpec
+    from deepvit_jax.data.preprocess import decode_image
 
+    spec = ImageSpec.of(cfg)
     want = (cfg.image_size, cfg.image_size, 3)
     batches, labels = [], []
     for path in paths:
@@ -81,8 +83,7 @@ def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
         except tf.errors.OpError as e:
             raise ValueError(f"{path}: not a decodable image ({e.message.splitlines()[0]})") \
                 from e
-        x = eval_preprocess(image, image_size=cfg.image_size, crop_pct=cfg.crop_pct,
-                            mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation)
+        x = spec.eval_preprocess(image)
         batches.append(x.numpy()[None])
         labels.append(path)
     return np.concatenate(batches, axis=0), labels

@@ -11,6 +11,7 @@ from PIL import Image
 
 from deepvit_jax.data import (dataset_info, default_data_config, make_eval_iterator,
                               make_train_iterator)
+from deepvit_jax.data.pipeline import ImageSpec
 from deepvit_jax.data.__main__ import main
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]   # the first three ImageNet classes
@@ -71,8 +72,7 @@ def test_prepare_imagenet_from_mini_tars_and_read_batches(tmp_path):
     assert (info.num_classes, info.num_train, info.num_eval) == (1000, 12, 6)
     assert info.eval_split == "validation"
 
-    it = make_train_iterator(cfg, global_batch_size=4, image_size=32, mean=(0.5,) * 3,
-                             std=(0.5,) * 3, sharding=None, seed=0)
+    it = make_train_iterator(cfg, global_batch_size=4, spec=ImageSpec(32), sharding=None, seed=0)
     assert it.batches_per_epoch == 3
     labels = []
     for _ in range(2):          # the corrupt JPEG is skipped (logged), never a crash
@@ -88,8 +88,8 @@ def test_prepare_imagenet_from_mini_tars_and_read_batches(tmp_path):
     names = open(os.path.join(label_file, "labels.txt")).read().split()
     want = sorted(names.index(s) for s in
                   open(os.path.join(label_file, "validation_labels.txt")).read().split()[:6])
-    ev = make_eval_iterator(cfg, global_batch_size=4, image_size=32, crop_pct=0.875,
-                            mean=(0.5,) * 3, std=(0.5,) * 3, sharding=None)
+    ev = make_eval_iterator(cfg, global_batch_size=4, spec=ImageSpec(32, crop_pct=0.875),
+                            sharding=None)
     got = []
     for b in ev:
         got += [int(y) for y, m in zip(b["label"], b["mask"], strict=True) if m]

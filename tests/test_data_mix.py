@@ -19,7 +19,7 @@ def _batch(b=8, s=16):
 def test_no_mixing_gives_smoothed_one_hot():
     imgs, labels = _batch()
     out, t = mix_batch(jax.random.key(0), imgs, labels, num_classes=C, mixup_alpha=0.0,
-                       cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.1)
+                       cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.1, prob=1.0)
     np.testing.assert_array_equal(out, imgs)
     want = np.full((8, C), 0.01, np.float32)
     want[np.arange(8), np.asarray(labels)] = 0.91
@@ -29,7 +29,8 @@ def test_no_mixing_gives_smoothed_one_hot():
 def test_mixup_images_and_targets_agree():
     imgs, labels = _batch()
     f = jax.jit(lambda r: mix_batch(r, imgs, labels, num_classes=C, mixup_alpha=0.8,
-                                    cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0))
+                                    cutmix_alpha=0.0, switch_prob=0.5,
+label_smoothing=0.0, prob=1.0))
     for seed in range(5):
         out, t = f(jax.random.key(seed))
         np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-6)
@@ -41,7 +42,8 @@ def test_mixup_images_and_targets_agree():
 def test_cutmix_area_ratio_is_lam():
     imgs, labels = _batch(s=32)
     f = jax.jit(lambda r: mix_batch(r, imgs, labels, num_classes=C, mixup_alpha=0.0,
-                                    cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1))
+                                    cutmix_alpha=1.0, switch_prob=0.5,
+label_smoothing=0.1, prob=1.0))
     for seed in range(8):
         out, t = f(jax.random.key(seed))
         np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-6)

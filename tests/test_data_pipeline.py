@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepvit_jax.data import (dataset_info, default_data_config, make_eval_iterator,
                               make_train_iterator)
+from deepvit_jax.data.pipeline import ImageSpec
 from deepvit_jax.data.builders.digits import NUM_TEST, NUM_TRAIN, digits_image
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -73,26 +74,26 @@ def test_unknown_dataset_split_and_size_fail_early(data_dir):
     with pytest.raises(ValueError, match=r"validation.*available splits"):
         dataset_info(cfg)
     with pytest.raises(ValueError, match="image_size"):
-        make_train_iterator(_cfg(data_dir), global_batch_size=8, image_size=0, mean=MEAN,
-                            std=STD, sharding=None, seed=0)
+        make_train_iterator(_cfg(data_dir), global_batch_size=8, spec=ImageSpec(0, MEAN, STD),
+                            sharding=None, seed=0)
     with pytest.raises(ValueError, match="multiple of the process count"):
-        make_train_iterator(_cfg(data_dir), global_batch_size=7, image_size=32, mean=MEAN,
-                            std=STD, sharding=None, seed=0, process_index=0, process_count=2)
+        make_train_iterator(_cfg(data_dir), global_batch_size=7, spec=ImageSpec(32, MEAN, STD),
+                            sharding=None, seed=0, process_index=0, process_count=2)
 
 
 def test_global_batches_are_sharded_arrays(data_dir):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, P("data"))
-    it = make_train_iterator(_cfg(data_dir), global_batch_size=16, image_size=32, mean=MEAN,
-                             std=STD, sharding=sharding, seed=0)
+    it = make_train_iterator(_cfg(data_dir), global_batch_size=16, spec=ImageSpec(32, MEAN, STD),
+                             sharding=sharding, seed=0)
     b = next(it)
     assert isinstance(b["image"], jax.Array) and b["image"].shape == (16, 32, 32, 3)
     assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
     assert b["image"].sharding.is_equivalent_to(sharding, 4)
     assert int(b["label"].min()) >= 0 and int(b["label"].max()) <= 9
     json.dumps(it.get_state())
-    ev = make_eval_iterator(_cfg(data_dir), global_batch_size=100, image_size=32, crop_pct=0.9,
-                            mean=MEAN, std=STD, sharding=sharding)
+    ev = make_eval_iterator(_cfg(data_dir), global_batch_size=100,
+                            spec=ImageSpec(32, MEAN, STD, 0.9), sharding=sharding)
     batches = list(ev)
     assert len(batches) == len(ev) == 4
     assert sum(float(x["mask"].sum()) for x in batches) == NUM_TEST
@@ -103,9 +104,9 @@ def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
     per_process = NUM_TRAIN // 2                     # 718: even split, remainder dropped
     seen = []
     for pi in range(2):
-        it = make_train_iterator(cfg, global_batch_size=2 * per_process, image_size=32,
-                                 mean=MEAN, std=STD, sharding=None, seed=3, process_index=pi,
-                                 process_count=2)
+        it = make_train_iterator(cfg, global_batch_size=2 * per_process,
+                                 spec=ImageSpec(32, MEAN, STD), sharding=None, seed=3,
+                                 process_index=pi, process_count=2)
         assert it.batches_per_epoch == 1
         b = next(it)
         assert b["image"].shape == (per_process, 32, 32, 3)
@@ -114,8 +115,8 @@ def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
         assert collections.Counter(_key(x) for x in b2["image"]) == seen[-1]
         assert any(_key(x) != _key(y) for x, y in zip(b["image"], b2["image"], strict=True))
     assert not set(seen[0]) & set(seen[1])
-    full = make_train_iterator(cfg, global_batch_size=NUM_TRAIN, image_size=32, mean=MEAN,
-                               std=STD, sharding=None, seed=3, process_index=0, process_count=1)
+    full = make_train_iterator(cfg, global_batch_size=NUM_TRAIN, spec=ImageSpec(32, MEAN, STD),
+                               sharding=None, seed=3, process_index=0, process_count=1)
     everything = collections.Counter(_key(x) for x in next(full)["image"])
     union = seen[0] + seen[1]
     assert sum(union.values()) == NUM_TRAIN - 1
@@ -125,8 +126,8 @@ def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
 @pytest.mark.parametrize("process_count,local_batch", [(1, 64), (3, 7), (7, 16)])
 def test_eval_padding_counts_every_image_once(data_dir, process_count, local_batch):
     cfg = _cfg(data_dir)
-    kw = dict(global_batch_size=local_batch * process_count, image_size=32, crop_pct=1.0,
-              mean=MEAN, std=STD, sharding=None, process_count=process_count)
+    kw = dict(global_batch_size=local_batch * process_count, spec=ImageSpec(32, MEAN, STD, 1.0),
+              sharding=None, process_count=process_count)
     keys, lengths = collections.Counter(), set()
     for pi in range(process_count):
         ev = make_eval_iterator(cfg, process_index=pi, **kw)
@@ -142,8 +143,8 @@ def test_eval_padding_counts_every_image_once(data_dir, process_count, local_bat
         lengths.add(n)
     assert len(lengths) == 1                          # every process yields the same count
     assert sum(keys.values()) == NUM_TEST
-    single = make_eval_iterator(cfg, global_batch_size=NUM_TEST, image_size=32, crop_pct=1.0,
-                                mean=MEAN, std=STD, sharding=None, process_count=1,
+    single = make_eval_iterator(cfg, global_batch_size=NUM_TEST, spec=ImageSpec(32, MEAN, STD, 1.0),
+                                sharding=None, process_count=1,
                                 process_index=0)
     b = next(iter(single))
     want = collections.Counter(_key(x) + str(int(y))
@@ -163,7 +164,7 @@ def _same(a, b):
 def test_same_seed_same_batches_and_exact_resume(data_dir):
     cfg = _cfg(data_dir)            # full recipe: crop, flip, RandAugment, erasing
     cfg.train_split = "train[:300]"
-    kw = dict(global_batch_size=64, image_size=32, mean=MEAN, std=STD, sharding=None)
+    kw = dict(global_batch_size=64, spec=ImageSpec(32, MEAN, STD), sharding=None)
     a = make_train_iterator(cfg, seed=5, **kw)          # 4 batches per epoch
     first = _take(a, 3)
     state = a.get_state()

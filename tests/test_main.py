@@ -20,10 +20,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.py")
 
 TINY = [
-    "--config.model_overrides.embed_dim=16", "--config.model_overrides.depth=2",
-    "--config.model_overrides.num_heads=2", "--config.model_overrides.reattn_blocks=(0,1)",
-    "--config.batch_size=32", "--config.log_every_steps=1", "--config.eval_every_steps=1000",
-    "--config.checkpoint_every_steps=1000", "--config.shuffle_buffer=256",
+    "--config.model.embed_dim=16", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.model.reattn_blocks=(0,1)", "--config.batch_size=32", "--config.log_every_steps=1",
+    "--config.eval.every_steps=1000", "--config.checkpoint.every_steps=1000",
+    "--config.data.shuffle_buffer=256",
 ]
 
 
@@ -44,14 +44,17 @@ def _env(devices=1):
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop("DEEPVIT_PAUSE_AT_STEP", None)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 
-def _cmd(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "deepvit_jax.main", f"--config={DEFAULT}",
-            f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY, *extra]
+def _cmd(workdir, data_dir, *extra, pause_at=None):
+    """The training command; with ``pause_at`` the run pauses after that step (and its
+    checkpoint) until SIGTERM or kill, through tests/pausing_main.py."""
+    entry = (["-m", "deepvit_jax.main"] if pause_at is None
+             else [str(ROOT / "tests" / "pausing_main.py")])
+    return [sys.executable, *entry, f"--config={DEFAULT}",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *TINY, *extra]
 
 
 def _run(workdir, data_dir, *extra, devices=1, timeout=240, env=None):
@@ -69,7 +72,7 @@ def _final_state(workdir):
     import jax
     import orbax.checkpoint as ocp
 
-    from deepvit_jax.parallel import path_str
+    from deepvit_jax.utils import path_str
 
     mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",),
                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
@@ -101,25 +104,27 @@ def _load_default():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("model", "deepvit_99b", r"config\.model='deepvit_99b'"),
-    ("dataset", "no_such_dataset_xyz", r"config\.dataset='no_such_dataset_xyz'"),
+    ("model_name", "deepvit_99b", r"config\.model_name='deepvit_99b'"),
+    ("data.dataset", "no_such_dataset_xyz", r"config\.data\.dataset='no_such_dataset_xyz'"),
     ("mesh.data", 3, r"config\.mesh"),
     ("batch_size", 5000, r"config\.batch_size=5000"),
-    ("model_overrides.image_size", 30, r"config\.model_overrides.*image_size"),
+    ("model.image_size", 30, r"config\.model.*image_size"),
+    ("eval.every_steps", 0, r"config\.eval\.every_steps=0"),
+    ("ema_decay", 1.0, r"config\.ema_decay=1\.0"),
 ])
 def test_bad_config_names_field(field, value, match, data_dir):
-    from deepvit_jax.parallel import ConfigError
-    from deepvit_jax.train.loop import check_config
+    from deepvit_jax.errors import ConfigError
+    from deepvit_jax.train.loop import setup
 
     c = _load_default()
-    c.data_dir = data_dir
+    c.data.data_dir = data_dir
     node = c
     *path, last = field.split(".")
     for p in path:
         node = node[p]
     node[last] = value
     with pytest.raises(ConfigError, match=match):
-        check_config(c)
+        setup(c, "/nonexistent/never-created")
 
 
 def test_locked_config_rejects_misspelled_field():
@@ -127,7 +132,7 @@ def test_locked_config_rejects_misspelled_field():
     with pytest.raises(AttributeError):
         c.batch_sizee = 4
     with pytest.raises(AttributeError):
-        c.model_overrides.dept = 4
+        c.model.dept = 4
 
 
 @pytest.mark.slow
@@ -154,11 +159,11 @@ def test_default_config_shortened_converges(tmp_path, data_dir):
     from deepvit_jax.train.loop import train_and_evaluate
 
     c = _load_default()
-    c.data_dir = data_dir
+    c.data.data_dir = data_dir
     c.total_steps = 120
     c.log_every_steps = 40
-    c.eval_every_steps = 120
-    c.checkpoint_every_steps = 120
+    c.eval.every_steps = 120
+    c.checkpoint.every_steps = 120
     metrics = train_and_evaluate(c, str(tmp_path))
     assert metrics["eval/count"] == 360  # the whole held-out split, once
     assert metrics["eval/top1"] >= 50.0, metrics  # chance: 10%
@@ -202,8 +207,8 @@ def test_two_process_run(tmp_path, data_dir):
     port = _free_port()
     procs = []
     for pid in range(2):
-        cmd = _cmd(tmp_path, data_dir, "--config.total_steps=6", "--config.eval_every_steps=6",
-                   "--config.eval_batch_size=64", f"--coordinator_address=127.0.0.1:{port}",
+        cmd = _cmd(tmp_path, data_dir, "--config.total_steps=6", "--config.eval.every_steps=6",
+                   "--config.eval.batch_size=64", f"--coordinator_address=127.0.0.1:{port}",
                    "--num_processes=2", f"--process_id={pid}")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -234,7 +239,7 @@ def _wait_for(path, proc, timeout=200):
 @pytest.mark.slow
 def test_exact_resume_after_sigterm_and_kill(tmp_path, data_dir):
     n = 6
-    common = [f"--config.total_steps={2 * n}", "--config.model_overrides.drop_path_rate=0.1"]
+    common = [f"--config.total_steps={2 * n}", "--config.model.drop_path_rate=0.1"]
     # 1. 2N steps in one go.
     r = _run(tmp_path / "once", data_dir, *common)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -243,8 +248,8 @@ def test_exact_resume_after_sigterm_and_kill(tmp_path, data_dir):
     # 2. SIGTERM at step N (no periodic checkpoint before): saves N, exits 0; restart.
     wd = tmp_path / "term"
     env = _env(1)
-    env["DEEPVIT_PAUSE_AT_STEP"] = str(n)
-    p = subprocess.Popen(_cmd(wd, data_dir, *common), cwd=ROOT, env=env, text=True,
+    env["PAUSE_AT_STEP"] = str(n)
+    p = subprocess.Popen(_cmd(wd, data_dir, *common, pause_at=n), cwd=ROOT, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(wd / f"paused_at_{n}", p)
     assert not (wd / "checkpoints" / str(n)).exists()
@@ -263,7 +268,8 @@ def test_exact_resume_after_sigterm_and_kill(tmp_path, data_dir):
 
     # 3. kill -9 at step N right after its checkpoint, plus a half-written later checkpoint.
     wd = tmp_path / "kill"
-    p = subprocess.Popen(_cmd(wd, data_dir, *common, f"--config.checkpoint_every_steps={n}"),
+    p = subprocess.Popen(_cmd(wd, data_dir, *common, f"--config.checkpoint.every_steps={n}",
+                              pause_at=n),
                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     _wait_for(wd / f"paused_at_{n}", p)
@@ -273,7 +279,7 @@ def test_exact_resume_after_sigterm_and_kill(tmp_path, data_dir):
     half.mkdir()
     (half / "state").mkdir()
     (half / "state" / "garbage").write_text("half written")
-    r = _run(wd, data_dir, *common, f"--config.checkpoint_every_steps={n}")
+    r = _run(wd, data_dir, *common, f"--config.checkpoint.every_steps={n}")
     assert r.returncode == 0, r.stderr[-3000:]
     step, got = _final_state(wd)
     assert step == 2 * n
@@ -283,8 +289,8 @@ def test_exact_resume_after_sigterm_and_kill(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_nan_loss_stops_naming_step(tmp_path, data_dir):
-    r = _run(tmp_path, data_dir, "--config.total_steps=30", "--config.learning_rate=1e30",
-             "--config.warmup_lr=1e30", "--config.checkpoint_every_steps=1")
+    r = _run(tmp_path, data_dir, "--config.total_steps=30", "--config.optim.learning_rate=1e30",
+             "--config.optim.warmup_lr=1e30", "--config.checkpoint.every_steps=1")
     assert r.returncode == 1, r.stderr[-3000:]
     assert "non-finite loss at step" in r.stderr
     bad = int(r.stderr.split("non-finite loss at step ")[1].split()[0])
@@ -300,8 +306,8 @@ def test_nan_loss_stops_naming_step(tmp_path, data_dir):
 
 def _tiny_config(data_dir):
     c = _load_default()
-    c.data_dir = data_dir
-    o = c.model_overrides
+    c.data.data_dir = data_dir
+    o = c.model
     o.embed_dim, o.depth, o.num_heads, o.reattn_blocks = 16, 2, 2, (0, 1)
     c.batch_size = 32
     return c
@@ -321,8 +327,8 @@ def test_init_from_starts_from_the_saved_weights(tmp_path, data_dir):
     save_model(saved, tmp_path / "pretrained")
     c.init_from = str(tmp_path / "pretrained")
     c.total_steps = 1
-    c.learning_rate = c.warmup_lr = c.min_lr = 0.0
-    c.eval_every_steps = c.checkpoint_every_steps = 1
+    c.optim.learning_rate = c.optim.warmup_lr = c.optim.min_lr = 0.0
+    c.eval.every_steps = c.checkpoint.every_steps = 1
     train_and_evaluate(c, str(tmp_path / "run"))
     _, state = _final_state(tmp_path / "run")
     want = {"params/" + "/".join(map(str, p)) + "/value": v

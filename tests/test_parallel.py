@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deepvit_jax import parallel
-from deepvit_jax.parallel import ConfigError
+from deepvit_jax.errors import ConfigError
+from deepvit_jax.utils import path_str
 
 
 def _cfg(data=-1, fsdp=1, tensor=1):
@@ -67,7 +68,7 @@ def test_tree_shardings_paths_match_model_state():
     model = create_model("deepvit_16b", num_classes=10, image_size=32, depth=1, embed_dim=64,
                          num_heads=4)
     params = nnx.state(model, nnx.Param)
-    paths = [parallel.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     assert "blocks/0/attn/qkv/kernel" in paths and "pos_embed" in paths
     sh = parallel.tree_shardings(params, parallel.make_mesh(_cfg()))
     leaves = jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))

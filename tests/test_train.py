@@ -13,9 +13,11 @@ from flax import nnx
 
 from deepvit_jax import get_config
 from deepvit_jax.models.deepvit import resample_pos_embed
-from deepvit_jax.parallel import path_str
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
+from deepvit_jax.train.config import base_config
+from deepvit_jax.train.evaluation import recalibrate_batch_stats
+from deepvit_jax.utils import path_str
 
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=10)
 
@@ -118,9 +120,10 @@ def _setup(ema=0.0, accum=1, reg=0.0, model="deepvit_16b", **kw):
     tx = step_lib.make_optimizer(_opt_cfg(grad_accum_steps=accum), sched)
     md = state_lib.make_model_def(cfg)
     st, rest = jax.jit(lambda: state_lib.init_state(cfg, tx, 0, ema=ema > 0))()
-    sc = step_lib.StepConfig(num_classes=10, label_smoothing=0.1, ema_decay=ema,
-                             grad_accum_steps=accum, cosine_reg_weight=reg)
-    step = jax.jit(step_lib.make_train_step(md, tx, sched, sc, _plain_mix))
+    c = base_config()
+    c.mix.label_smoothing, c.ema_decay = 0.1, ema
+    c.optim.grad_accum_steps, c.loss.cosine_reg_weight = accum, reg
+    step = jax.jit(step_lib.make_train_step(md, tx, sched, c, mix_fn=_plain_mix))
     return md, st, rest, step
 
 
@@ -217,8 +220,8 @@ def test_bn_stats_step_reestimates_every_batchnorm():
     stats = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(3), v.shape), stats)
     batches = [_batch(6, seed=s, size=32)["image"] for s in range(3)]
 
-    got = step_lib.average_batch_stats(jax.jit(step_lib.make_bn_stats_step(md)), params,
-                                       stats, rest, batches)
+    got = recalibrate_batch_stats(jax.jit(step_lib.make_bn_stats_step(md)), params,
+                                  stats, rest, batches)
 
     # Direct: record every BatchNorm's input in a plain train-mode forward pass (no dropout
     # in this config), take its per-batch mean and unbiased variance, average over batches.
@@ -262,19 +265,21 @@ def test_training_with_ema_and_bn_recalibration(tmp_path, caplog):
     import json
     import pathlib
 
-    from deepvit_jax.train import loop
+    from deepvit_jax.train import evaluation, loop
 
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
     spec = importlib.util.spec_from_file_location("cfg_default", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
-    o = c.model_overrides
+    o = c.model
     o.embed_dim, o.depth, o.num_heads, o.reattn_blocks = 16, 2, 2, (0, 1)
-    c.update(dict(batch_size=32, total_steps=2, log_every_steps=2, eval_every_steps=1000,
-                  checkpoint_every_steps=1000, shuffle_buffer=256, data_dir=str(tmp_path / "tfds"),
-                  ema_decay=0.9, bn_recalibration_batches=2, bn_recalibration_batch_size=64))
-    with caplog.at_level("INFO", logger=loop.__name__):
+    c.update(dict(batch_size=32, total_steps=2, log_every_steps=2, ema_decay=0.9))
+    c.eval.update(dict(every_steps=1000, bn_recalibration_batches=2,
+                       bn_recalibration_batch_size=64))
+    c.checkpoint.every_steps = 1000
+    c.data.update(dict(shuffle_buffer=256, data_dir=str(tmp_path / "tfds")))
+    with caplog.at_level("INFO", logger=evaluation.__name__):
         out = loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert "re-estimated before each evaluation (live and EMA model) on 2 training batches " \
            "of 64" in caplog.text

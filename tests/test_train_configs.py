@@ -1,18 +1,20 @@
-"""Every shipped config loads, is locked, carries the required fields and documents itself."""
+"""Every shipped config loads, is locked, is sized and documented; the run-length arithmetic
+(epochs -> steps) against hand-computed schedules."""
 
 import importlib.util
 import pathlib
+import re
 
+import ml_collections
 import pytest
 
 from deepvit_jax import list_models
+from deepvit_jax.errors import ConfigError
+from deepvit_jax.train import config as config_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-PAPER = {"deepvit_16b_i1k": "79.10", "deepvit_24b_i1k": "79.99", "deepvit_32b_i1k": "80.90",
-         "vit_16b_i1k": "78.88", "vit_24b_i1k": "79.35", "vit_32b_i1k": "79.27",
-         "deepvit_s_i1k": "82.3", "deepvit_l_i1k": "83.1", "deepvit_l_384_ft": "84.25"}
-REQUIRED = ("model", "dataset", "batch_size", "total_steps", "log_every_steps",
-            "eval_every_steps", "checkpoint_every_steps", "seed", "init_from")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+FAMILIES = ("i1k", "i1k_ft384")
 
 
 def _load(name):
@@ -22,26 +24,119 @@ def _load(name):
     return mod
 
 
-@pytest.mark.parametrize("name", ["default", *PAPER])
-def test_config_loads_locked_with_required_fields(name):
-    mod = _load(name)
-    c = mod.get_config()
-    for f in REQUIRED:
-        assert f in c, f
-    assert c.model in list_models()
+def _recipes():
+    return [(fam, arg) for fam in FAMILIES for arg in _load(fam).RECIPES]
+
+
+def test_default_config_loads_locked():
+    c = _load("default").get_config()
+    assert c.model_name in list_models() and c.data.dataset == "digits"
     with pytest.raises(AttributeError):
         c.no_such_field = 1
-    doc = mod.__doc__
-    assert f"--config configs/{name}.py" in doc
-    if name in PAPER:
-        assert PAPER[name] in doc and "Sized for" in doc
-        assert c.dataset == "imagenet2012" and c.model_overrides.drop_path_rate == 0.2
+    with pytest.raises(AttributeError):
+        c.optim.learning_rat = 1
+    assert c.expected_top1 is None
+
+
+@pytest.mark.parametrize("family,arg", _recipes())
+def test_recipe_loads_locked_and_documents_itself(family, arg):
+    mod = _load(family)
+    c = mod.get_config(arg)
+    assert c.model_name in list_models()
+    with pytest.raises(AttributeError):
+        c.no_such_field = 1
+    # The expected top-1 is data; the docstring (what users read) states the same number.
+    assert c.expected_top1 == mod.RECIPES[arg]
+    assert f"configs/{family}.py:" in mod.__doc__ and "Sized for" in mod.__doc__
+    assert re.search(rf"{arg}\s+{mod.RECIPES[arg]:g}|{mod.RECIPES[arg]:g}", mod.__doc__)
+    assert c.data.dataset == "imagenet2012" and c.model.drop_path_rate == 0.2
+    # The official recipe values every ImageNet config shares (timm 0.3.2 yaml files).
+    assert (c.optim.learning_rate if family == "i1k" else 5e-4) == 5e-4
+    assert (c.data.randaugment, c.data.random_erasing, c.data.rrc_scale) == (
+        "rand-m9-mstd0.5-inc1", 0.25, (0.08, 1.0))
+    assert c.mix.label_smoothing == 0.1 and c.ema_decay == 0.99996
+    assert (c.eval.bn_recalibration_batches, c.eval.bn_recalibration_batch_size) == (50, 256)
+
+
+def test_recipe_table_in_readme_matches_the_configs():
+    readme = (ROOT / "README.md").read_text()
+    for family, arg in _recipes():
+        top1 = _load(family).RECIPES[arg]
+        assert re.search(rf"configs/{family}\.py:{arg}`[^\n]*\|\s*{top1:g}\s*\|", readme), (
+            family, arg, top1)
+
+
+def test_unknown_recipe_is_named():
+    with pytest.raises(ValueError, match=r"configs/i1k\.py:deepvit_99b"):
+        _load("i1k").get_config("deepvit_99b")
 
 
 def test_deepvit_32b_recipe_exceptions():
-    c = _load("deepvit_32b_i1k").get_config()
-    assert (c.mixup_alpha, c.cutmix_alpha, c.cosine_reg_weight, c.cosine_reg_pairs,
-            c.compute_dtype) == (0.1, 0.0, 0.1, 12, "bfloat16")
-    c16 = _load("deepvit_16b_i1k").get_config()
-    assert (c16.mixup_alpha, c16.cutmix_alpha, c16.cosine_reg_weight, c16.ema_decay,
-            c16.learning_rate, c16.weight_decay) == (0.8, 1.0, 0.0, 0.99996, 5e-4, 0.05)
+    c = _load("i1k").get_config("deepvit_32b")
+    assert (c.mix.mixup_alpha, c.mix.cutmix_alpha, c.loss.cosine_reg_weight,
+            c.loss.cosine_reg_pairs, c.model.dtype) == (0.1, 0.0, 0.1, 12, "bfloat16")
+    c16 = _load("i1k").get_config("deepvit_16b")
+    assert (c16.mix.mixup_alpha, c16.mix.cutmix_alpha, c16.loss.cosine_reg_weight,
+            c16.model.dtype) == (0.8, 1.0, 0.0, None)
+
+
+def test_finetune_recipe():
+    c = _load("i1k_ft384").get_config()
+    assert c.model_name == "deepvit_l_384" and c.model.remat
+    assert (c.num_epochs, c.warmup_epochs, c.optim.learning_rate, c.optim.min_lr,
+            c.optim.weight_decay) == (30, 0, 5e-6, 5e-6, 1e-8)
+
+
+def _cfg(**kw):
+    c = config_lib.base_config()
+    for k, v in kw.items():
+        node = c
+        *path, last = k.split("__")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_run_length_epochs_to_steps():
+    # 1281167 images, batch 512: 2502 steps per epoch; 300 + 10 epochs, 5 of warm-up.
+    r = config_lib.run_length(_cfg(), 1_281_167)
+    assert (r.steps_per_epoch, r.total_steps, r.warmup_updates, r.decay_updates) == (
+        2502, 310 * 2502, 5 * 2502, 300 * 2502)
+    # Accumulating 4 micro-batches of 128: steps are micro-batches, the schedule is in updates.
+    r = config_lib.run_length(_cfg(batch_size=128, optim__grad_accum_steps=4), 1_281_167)
+    assert r.steps_per_epoch == 10009 and r.total_steps == 310 * (10009 // 4) * 4
+    assert (r.warmup_updates, r.decay_updates) == (5 * 2502, 300 * 2502)
+
+
+def test_run_length_total_steps_compresses_the_schedule():
+    # The digits default: 1437 images / 128 = 11 steps per epoch, 50 epochs, 3 of warm-up.
+    c = _cfg(batch_size=128, num_epochs=50, warmup_epochs=3, cooldown_epochs=0)
+    r = config_lib.run_length(c, 1437)
+    assert (r.total_steps, r.warmup_updates, r.decay_updates) == (550, 33, 550)
+    c.total_steps = 110  # a fifth of the length: warm-up and decay shrink by the same factor
+    r = config_lib.run_length(c, 1437)
+    assert (r.total_steps, r.warmup_updates, r.decay_updates) == (110, round(33 / 5), 110)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("log_every_steps", -1), ("eval__every_steps", 0),
+    ("checkpoint__keep", 0), ("optim__grad_accum_steps", 0), ("total_steps", -5),
+    ("ema_decay", 1.5), ("optim__weight_decay", -0.1), ("eval__bn_recalibration_batches", -1),
+])
+def test_validate_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=re.escape(f"config.{field.replace('__', '.')}=")):
+        config_lib.validate(_cfg(**{field: value}))
+
+
+def test_one_default_per_field():
+    """The mix section is the only home of the mixup defaults: mix_batch has none."""
+    import inspect
+
+    from deepvit_jax.data.config import default_mix_config
+    from deepvit_jax.data.mix import mix_batch
+
+    params = inspect.signature(mix_batch).parameters
+    assert set(default_mix_config()) <= set(params)
+    assert all(params[k].default is inspect.Parameter.empty for k in default_mix_config())
+    assert isinstance(config_lib.base_config().mix, ml_collections.ConfigDict)

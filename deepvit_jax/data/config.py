@@ -1,6 +1,6 @@
 """Every data-pipeline setting, with its default (the official DeepViT / DeiT recipe).
 
-The defaults reproduce the training recipe of the released models (reference §6):
+The defaults reproduce the training recipe of the released models (the official yaml files):
 random-resized crop (0.08-1, 3/4-4/3, random bilinear/bicubic), flip 0.5, RandAugment
 ``rand-m9-mstd0.5-inc1``, random erasing 0.25 (pixel mode), mixup 0.8 / cutmix 1.0 switched
 per batch with probability 0.5, label smoothing 0.1.  The dataset defaults to the embedded
@@ -45,26 +45,30 @@ def default_data_config() -> ml_collections.ConfigDict:
     # RandAugment, normalisation and random erasing run in the jitted train step
     # (data/device_augment.py, same ops, magnitudes and probabilities).
     c.device_augment = False
-    # --- on-device batch mixing (mix.py, called by the train step) ----------------------
+    return c
+
+
+def default_mix_config() -> ml_collections.ConfigDict:
+    """On-device batch mixing (``mix.mix_batch``, called by the train step): timm's Mixup
+    in 'batch' mode with the official values."""
+    c = ml_collections.ConfigDict()
     c.mixup_alpha = 0.8
     c.cutmix_alpha = 1.0
-    c.mix_switch_prob = 0.5
-    c.mix_prob = 1.0
+    c.switch_prob = 0.5  # CutMix instead of mixup when both alphas are > 0
+    c.prob = 1.0  # probability of mixing a batch at all
     c.label_smoothing = 0.1
     return c
 
 
 def digits_data_config() -> ml_collections.ConfigDict:
-    """Settings that suit the 8x8 digits (no flips / RandAugment, which destroy digits)."""
+    """Settings that suit the 8x8 digits (no flips / RandAugment, which destroy digits; the
+    default config also turns mixup / cutmix off)."""
     c = default_data_config()
     c.dataset = "digits"
     c.rrc_scale = (0.6, 1.0)
     c.hflip = 0.0
     c.randaugment = ""
     c.random_erasing = 0.0
-    c.mixup_alpha = 0.0
-    c.cutmix_alpha = 0.0
-    c.label_smoothing = 0.1
     c.shuffle_buffer = 2048
     c.cache = True
     return c

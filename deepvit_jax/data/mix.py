@@ -40,10 +40,11 @@ def cutmix_box(rng, lam, height: int, width: int):
     return (yl, yh, xl, xh), lam
 
 
-def mix_batch(rng, images, labels, *, num_classes: int, mixup_alpha: float = 0.8,
-              cutmix_alpha: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1,
-              prob: float = 1.0):
-    """-> (mixed images (B, H, W, C), soft targets float32 (B, num_classes))."""
+def mix_batch(rng, images, labels, *, num_classes: int, mixup_alpha: float,
+              cutmix_alpha: float, switch_prob: float, label_smoothing: float, prob: float):
+    """-> (mixed images (B, H, W, C), soft targets float32 (B, num_classes)). The keyword
+    arguments are the fields of the config's ``mix`` section (``data.config.default_mix_config``
+    holds the defaults): ``mix_batch(rng, x, y, num_classes=C, **config.mix)``."""
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     no_mix = isinstance(prob, (int, float)) and prob <= 0      # prob may also be traced
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or no_mix:

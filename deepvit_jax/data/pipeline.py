@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +66,8 @@ def _tfds():
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """A resolved dataset: resolve it once (``dataset_info``) and hand it to the iterators."""
+
     name: str
     num_classes: int
     num_train: int
@@ -74,8 +75,32 @@ class DatasetInfo:
     train_split: str
     eval_split: str
     image_shape: tuple | None
-    class_names: tuple | None
     data_dir: str
+    builder: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """What a model expects of its input images: side, normalisation and the evaluation
+    resize / centre crop. ``ImageSpec.of(model_config)`` takes them from a ModelConfig."""
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def of(cls, model_config) -> ImageSpec:
+        c = model_config
+        return cls(size=c.image_size, mean=tuple(c.mean), std=tuple(c.std),
+                   crop_pct=c.crop_pct, interpolation=c.interpolation)
+
+    def eval_preprocess(self, image):
+        """The official evaluation transform of one decoded uint8 (H, W, C) image."""
+        return preprocess.eval_preprocess(image, image_size=self.size, crop_pct=self.crop_pct,
+                                          mean=self.mean, std=self.std,
+                                          interpolation=self.interpolation)
 
 
 def default_data_dir(data_dir: str | None = None) -> str:
@@ -162,13 +187,11 @@ def dataset_info(data_cfg) -> DatasetInfo:
     num_classes = getattr(label, "num_classes", None)
     if not num_classes:
         raise ValueError(f"feature {data_cfg.label_key!r} of {builder.name!r} is not a ClassLabel")
-    names = getattr(label, "names", None)
     img = builder.info.features[data_cfg.image_key]
     return DatasetInfo(name=builder.name, num_classes=int(num_classes), num_train=num_train,
                        num_eval=num_eval, train_split=train_split, eval_split=eval_split,
                        image_shape=tuple(getattr(img, "shape", ()) or ()) or None,
-                       class_names=tuple(names) if names else None,
-                       data_dir=default_data_dir(data_cfg.get("data_dir")))
+                       data_dir=default_data_dir(data_cfg.get("data_dir")), builder=builder)
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,20 +252,17 @@ def process_split(split: str, process_index: int, process_count: int, *, drop_re
 class HostTrainStream:
     """This process's training batches as NumPy arrays (plus the state after each batch)."""
 
-    def __init__(self, data_cfg, *, global_batch_size: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float], seed: int,
-                 process_index=None, process_count=None):
+    def __init__(self, data_cfg, dataset: DatasetInfo, *, global_batch_size: int,
+                 spec: ImageSpec, seed: int, process_index=None, process_count=None):
         self.cfg = data_cfg
         self.process_index, self.process_count = _process(process_index, process_count)
         self.global_batch_size = int(global_batch_size)
         self.local_batch = _local_batch(self.global_batch_size, self.process_count)
-        self.image_size = int(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size = int(spec.size)
+        self.mean, self.std = tuple(spec.mean), tuple(spec.std)
         self.seed = int(seed)
-        self.builder = get_builder(data_cfg)
-        _check_features(data_cfg, self.builder)
-        split = str(data_cfg.train_split)
-        _split_size(self.builder, split, "train_split")
+        self.builder = dataset.builder
+        split = dataset.train_split
         self.split = process_split(split, self.process_index, self.process_count,
                                    drop_remainder=True)
         self.num_local = int(self.builder.info.splits[self.split].num_examples)
@@ -408,55 +428,53 @@ def _check_image_size(image_size, what="image_size"):
         raise ValueError(f"{what} must be a positive int, got {image_size!r}")
 
 
-def make_train_iterator(data_cfg, *, global_batch_size: int, image_size: int,
-                        mean: Sequence[float], std: Sequence[float], sharding, seed: int,
+def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sharding,
+                        seed: int, dataset: DatasetInfo | None = None,
                         process_index: int | None = None,
                         process_count: int | None = None) -> TrainIterator:
     """Infinite, resumable stream of global training batches (remainder of each epoch dropped).
 
     ``sharding``: a ``NamedSharding`` whose first dimension is the batch (labels use its first
     spec entry); ``None`` yields host-local NumPy batches (tests / single-process tools).
+    ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None.
     """
-    _check_image_size(image_size)
-    host = HostTrainStream(data_cfg, global_batch_size=global_batch_size, image_size=image_size,
-                           mean=mean, std=std, seed=seed, process_index=process_index,
-                           process_count=process_count)
+    _check_image_size(spec.size)
+    host = HostTrainStream(data_cfg, dataset or dataset_info(data_cfg),
+                           global_batch_size=global_batch_size, spec=spec, seed=seed,
+                           process_index=process_index, process_count=process_count)
     return TrainIterator(host, sharding, prefetch=int(data_cfg.get("prefetch_batches", 2)))
 
 
 class EvalIterable:
     """One pass over the eval split per ``iter()``; batches carry ``mask`` (0 = padding)."""
 
-    def __init__(self, data_cfg, *, global_batch_size, image_size, crop_pct, mean, std,
-                 sharding, process_index=None, process_count=None, interpolation="bicubic"):
-        _check_image_size(image_size)
+    def __init__(self, data_cfg, dataset: DatasetInfo, *, global_batch_size: int,
+                 spec: ImageSpec, sharding, process_index=None, process_count=None):
+        _check_image_size(spec.size)
         self.cfg = data_cfg
         self.process_index, self.process_count = _process(process_index, process_count)
         self.global_batch_size = int(global_batch_size)
         self.local_batch = _local_batch(self.global_batch_size, self.process_count)
-        self.builder = get_builder(data_cfg)
-        _check_features(data_cfg, self.builder)
-        self.eval_split = _eval_split(data_cfg, self.builder)
-        self.num_examples = _split_size(self.builder, self.eval_split, "eval_split")
+        self.builder = dataset.builder
+        self.eval_split = dataset.eval_split
+        self.num_examples = dataset.num_eval
         self.split = process_split(self.eval_split, self.process_index, self.process_count,
                                    drop_remainder=False)
         per_process = math.ceil(self.num_examples / self.process_count)   # even_splits' largest
         self.num_batches = max(1, math.ceil(per_process / self.local_batch))
-        self.kw = dict(image_size=int(image_size), crop_pct=float(crop_pct), mean=tuple(mean),
-                       std=tuple(std), interpolation=interpolation)
+        self.spec = spec
         self.sharding = sharding
-        self.last_pass_count = None     # images (mask 1) seen by this process in the last pass
 
     def __len__(self):
         return self.num_batches
 
     def host_dataset(self):
         tf = _tf()
-        kw = self.kw
-        size = kw["image_size"]
+        spec = self.spec
+        size = spec.size
 
         def fn(encoded, label):
-            img = preprocess.eval_preprocess(preprocess.decode_image(encoded), **kw)
+            img = spec.eval_preprocess(preprocess.decode_image(encoded))
             return {"image": img, "label": tf.cast(label, tf.int32),
                     "mask": tf.constant(1.0, tf.float32)}
 
@@ -479,19 +497,17 @@ class EvalIterable:
                 yield batch
             else:
                 yield _to_global(batch, self.sharding, self.global_batch_size)
-        self.last_pass_count = seen
         if seen < expected:
             log.warning("eval split %r: %d of this process's %d images could not be decoded "
                         "and were skipped", self.split, expected - seen, expected)
 
 
-def make_eval_iterator(data_cfg, *, global_batch_size: int, image_size: int, crop_pct: float,
-                       mean: Sequence[float], std: Sequence[float], sharding,
-                       process_index: int | None = None, process_count: int | None = None,
-                       interpolation: str = "bicubic") -> EvalIterable:
+def make_eval_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sharding,
+                       dataset: DatasetInfo | None = None, process_index: int | None = None,
+                       process_count: int | None = None) -> EvalIterable:
     """One pass over the whole eval split: ``{'image', 'label', 'mask'}`` global batches, padded
-    (mask 0) so that every image counts exactly once and all processes yield the same count."""
-    return EvalIterable(data_cfg, global_batch_size=global_batch_size, image_size=image_size,
-                        crop_pct=crop_pct, mean=mean, std=std, sharding=sharding,
-                        process_index=process_index, process_count=process_count,
-                        interpolation=interpolation)
+    (mask 0) so that every image counts exactly once and all processes yield the same count.
+    ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None."""
+    return EvalIterable(data_cfg, dataset or dataset_info(data_cfg),
+                        global_batch_size=global_batch_size, spec=spec, sharding=sharding,
+                        process_index=process_index, process_count=process_count)

@@ -45,9 +45,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
-
     def save(self, step: int, state, data_state: dict, meta: dict,
              metrics: dict | None = None) -> bool:
         if step in self.manager.all_steps():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import jax
@@ -23,8 +22,9 @@ import numpy as np
 from flax import nnx, struct
 
 from deepvit_jax.models import ModelConfig
-from deepvit_jax.models.deepvit import DeepViT, resample_pos_embed
-from deepvit_jax.parallel import ConfigError, path_str
+from deepvit_jax.errors import ConfigError
+from deepvit_jax.models.deepvit import DeepViT, pos_embed_grid, resample_pos_embed
+from deepvit_jax.utils import path_str
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def load_pretrained(params, batch_stats, path: str):
                 return jnp.asarray(new, v.dtype)
             if key.endswith("pos_embed"):
                 log.info("init_from: resizing pos_embed %s -> %s", new.shape, v.shape)
-                return jnp.asarray(resample_pos_embed(new, math.isqrt(v.shape[1] - 1)),
-                                   v.dtype)
+                return jnp.asarray(resample_pos_embed(new, pos_embed_grid(v.shape)), v.dtype)
             if key.startswith("head/"):
                 log.info("init_from: %s has shape %s, the model %s: keeping a fresh head",
                          key, new.shape, v.shape)

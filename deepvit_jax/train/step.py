@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from typing import Any
@@ -25,8 +24,8 @@ import optax
 from flax import nnx
 
 from deepvit_jax.models.deepvit import BatchNorm
-from deepvit_jax.parallel import path_str
 from deepvit_jax.train.state import ModelDef, TrainState
+from deepvit_jax.utils import path_str
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")  # the official model.no_weight_decay()
 
@@ -68,13 +67,22 @@ def cosine_schedule(*, base_lr: float, warmup_lr: float, min_lr: float, warmup_s
     return schedule
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                     weight_decay=config.weight_decay, mask=weight_decay_mask)
-    if config.grad_clip_norm and config.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+def make_schedule(optim, run) -> optax.Schedule:
+    """The learning rate per optimizer update from the config's ``optim`` section and a
+    ``train.config.RunLength``."""
+    return cosine_schedule(base_lr=optim.learning_rate, warmup_lr=optim.warmup_lr,
+                           min_lr=optim.min_lr, warmup_steps=run.warmup_updates,
+                           decay_steps=run.decay_updates)
+
+
+def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW from the config's ``optim`` section."""
+    tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay, mask=weight_decay_mask)
+    if optim.grad_clip_norm and optim.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    if optim.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum_steps)
     return tx
 
 
@@ -113,47 +121,42 @@ def ema_update(ema, new, decay):
 # --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    num_classes: int
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_switch_prob: float = 0.5
-    mix_prob: float = 1.0
-    label_smoothing: float = 0.0
-    cosine_reg_weight: float = 0.0
-    cosine_reg_pairs: int = 12
-    ema_decay: float = 0.0
-    grad_accum_steps: int = 1
-
-
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, cfg: StepConfig,
-                    mix_fn: Callable | None = None) -> Callable:
+                    schedule: optax.Schedule, config, *, mix_fn: Callable | None = None,
+                    augment_fn: Callable | None = None) -> Callable:
     """``train_step(state, rest, batch) -> (state, metrics)``; ``rest`` holds the model's
-    dropout RNG variables (re-seeded from ``fold_in(state.rng, state.step)``)."""
+    dropout RNG variables (re-seeded from ``fold_in(state.rng, state.step)``).
+
+    ``config`` is the training config (its ``mix``, ``loss``, ``optim.grad_accum_steps`` and
+    ``ema_decay``); ``mix_fn`` replaces ``data.mix.mix_batch`` (tests); ``augment_fn(key,
+    images)``, if given, augments the batch on device before mixing
+    (``data.device_augment``)."""
     if mix_fn is None:
         from deepvit_jax.data.mix import mix_batch as mix_fn
+    num_classes = model_def.config.num_classes
+    mix = dict(config.mix)
+    reg_weight, reg_pairs = config.loss.cosine_reg_weight, config.loss.cosine_reg_pairs
+    accum, ema_decay = config.optim.grad_accum_steps, config.ema_decay
 
     def train_step(state: TrainState, rest, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         mix_key, drop_key = jax.random.split(key)
-        images, targets = mix_fn(
-            mix_key, batch["image"], batch["label"], num_classes=cfg.num_classes,
-            mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-            switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing,
-            prob=cfg.mix_prob)
+        images = batch["image"]
+        if augment_fn is not None:
+            images = augment_fn(jax.random.fold_in(key, 2), images)
+        images, targets = mix_fn(mix_key, images, batch["label"], num_classes=num_classes,
+                                 **mix)
 
         def loss_fn(params):
             model = model_def.merge(params, state.batch_stats, rest, train=True)
             nnx.reseed(model, dropout=drop_key)
-            if cfg.cosine_reg_weight:
+            if reg_weight:
                 logits, maps = model(images, return_attention=True)
-                reg = cosine_regulariser(maps, cfg.cosine_reg_pairs)
+                reg = cosine_regulariser(maps, reg_pairs)
             else:
                 logits, reg = model(images), jnp.zeros((), jnp.float32)
             ce = soft_target_cross_entropy(logits, targets)
-            loss = ce + cfg.cosine_reg_weight * reg
+            loss = ce + reg_weight * reg
             return loss, (ce, reg, nnx.state(model, nnx.BatchStat))
 
         (loss, (ce, reg, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -162,11 +165,11 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
 
         ema_params, ema_stats = state.ema_params, state.ema_batch_stats
-        if cfg.ema_decay > 0:
+        if ema_decay > 0:
             # One EMA update per optimizer update (not per accumulated micro-batch).
-            applied = (optax.MultiSteps.has_updated(opt_state) if cfg.grad_accum_steps > 1
+            applied = (optax.MultiSteps.has_updated(opt_state) if accum > 1
                        else jnp.bool_(True))
-            decay = jnp.where(applied, cfg.ema_decay, 1.0)
+            decay = jnp.where(applied, ema_decay, 1.0)
             ema_params = ema_update(ema_params, params, decay)
             ema_stats = ema_update(ema_stats, stats, decay)
 
@@ -174,9 +177,9 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
             "train/loss": loss,
             "train/ce": ce,
             "train/grad_norm": optax.tree.norm(grads),
-            "train/lr": schedule(state.step // cfg.grad_accum_steps),
+            "train/lr": schedule(state.step // accum),
         }
-        if cfg.cosine_reg_weight:
+        if reg_weight:
             metrics["train/cosine_reg"] = reg
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                                   opt_state=opt_state, ema_params=ema_params,
@@ -229,16 +232,3 @@ def make_bn_stats_step(model_def: ModelDef) -> Callable:
         return nnx.state(model, nnx.BatchStat)
 
     return bn_stats_step
-
-
-def average_batch_stats(bn_stats_step: Callable, params, batch_stats, rest, images) -> Any:
-    """Mean over the image batches of ``bn_stats_step``'s per-batch statistics: the
-    re-estimated running statistics of every BatchNorm."""
-    total, n = None, 0
-    for x in images:
-        out = bn_stats_step(params, batch_stats, rest, x)
-        total = out if total is None else jax.tree.map(jnp.add, total, out)
-        n += 1
-    if total is None:
-        raise ValueError("average_batch_stats: no batches")
-    return jax.tree.map(lambda t: t / n, total)

@@ -1,0 +1,123 @@
+"""Evaluation: top-1 / top-5 / loss over a whole split, with BatchNorm re-estimation.
+
+:func:`evaluate` is a plain function of weights and batches; :class:`Evaluator` binds it to
+a run's compiled steps and iterators (the training loop builds one with
+:func:`make_evaluator`; an evaluation command can do the same). With
+``config.eval.bn_recalibration_batches = K`` every BatchNorm's statistics are re-estimated
+on K fixed training batches before each evaluation, as the official script does: the same K
+batches every time (a separate iterator, seed + 1, rewound), training augmentation (mixup
+and cutmix belong to the train step and are not applied), dropout off. The statistics are
+for evaluation only: the train state and its checkpoints keep the running ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(eval_step: Callable, params, batch_stats, rest, batches: Iterable) -> dict:
+    """``{'top1', 'top5', 'loss', 'count'}`` over ``batches`` (masked padding excluded;
+    accuracies in %)."""
+    sums = None
+    for batch in batches:
+        out = eval_step(params, batch_stats, rest, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    n = max(float(sums["count"]), 1.0)
+    return {"top1": 100.0 * sums["top1"] / n, "top5": 100.0 * sums["top5"] / n,
+            "loss": sums["loss"] / n, "count": float(sums["count"])}
+
+
+def recalibrate_batch_stats(bn_stats_step: Callable, params, batch_stats, rest,
+                            images: Iterable) -> Any:
+    """Every BatchNorm's statistics averaged over the image batches (each batch's mean and
+    unbiased variance from ``bn_stats_step``): ``torch.optim.swa_utils.update_bn``."""
+    total, n = None, 0
+    for x in images:
+        out = bn_stats_step(params, batch_stats, rest, x)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+        n += 1
+    if total is None:
+        raise ValueError("recalibrate_batch_stats: no batches")
+    return jax.tree.map(lambda t: t / n, total)
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """A run's evaluation: ``evaluator(params, batch_stats) -> metrics``."""
+
+    eval_step: Callable
+    eval_batches: Iterable  # one full pass over the split per iter()
+    rest: Any
+    bn_stats_step: Callable | None = None
+    recal_iterator: Any = None  # a resumable training iterator (get_state / set_state)
+    num_recal: int = 0
+
+    def __post_init__(self):
+        if self.num_recal:
+            self._recal_start = self.recal_iterator.get_state()
+
+    def __call__(self, params, batch_stats) -> dict[str, float]:
+        if self.num_recal:
+            self.recal_iterator.set_state(self._recal_start)
+            images = (next(self.recal_iterator)["image"] for _ in range(self.num_recal))
+            batch_stats = recalibrate_batch_stats(self.bn_stats_step, params, batch_stats,
+                                                  self.rest, images)
+        return evaluate(self.eval_step, params, batch_stats, self.rest, self.eval_batches)
+
+    def state(self, state) -> dict[str, float]:
+        """``eval/*`` metrics of a TrainState's live model, plus ``eval/ema_*`` of its EMA."""
+        out = {f"eval/{k}": v for k, v in self(state.params, state.batch_stats).items()}
+        if state.ema_params is not None:
+            ema = self(state.ema_params, state.ema_batch_stats)
+            out.update({f"eval/ema_{k}": v for k, v in ema.items() if k != "count"})
+        return out
+
+
+def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
+                   recal_batch_size: int, state_shardings, rest, rest_shardings) -> Evaluator:
+    """The Evaluator of a training config: compiled eval (and BatchNorm-statistics) steps
+    with the run's shardings (``state_shardings``: a TrainState of shardings), the eval
+    split of the resolved ``dataset``, and the re-estimation batches if any."""
+    from deepvit_jax import parallel
+    from deepvit_jax.data import pipeline
+    from deepvit_jax.train import step as step_lib
+
+    data_sh = parallel.batch_sharding(mesh)
+    spec = pipeline.ImageSpec.of(model_def.config)
+    eval_step = jax.jit(
+        step_lib.make_eval_step(model_def),
+        in_shardings=(state_shardings.params, state_shardings.batch_stats, rest_shardings,
+                      {"image": data_sh, "label": data_sh, "mask": data_sh}),
+        out_shardings=parallel.replicated(mesh))
+    eval_batches = pipeline.make_eval_iterator(
+        config.data, global_batch_size=eval_batch_size, spec=spec, sharding=data_sh,
+        dataset=dataset)
+    has_bn = bool(jax.tree.leaves(state_shardings.batch_stats))
+    num_recal = config.eval.bn_recalibration_batches if has_bn else 0
+    if config.eval.bn_recalibration_batches and not num_recal:
+        log.info("eval.bn_recalibration_batches=%d: %s has no BatchNorm, nothing to "
+                 "re-estimate", config.eval.bn_recalibration_batches, config.model_name)
+    if not num_recal:
+        return Evaluator(eval_step, eval_batches, rest)
+    recal_it = pipeline.make_train_iterator(
+        config.data, global_batch_size=recal_batch_size, spec=spec, sharding=data_sh,
+        seed=config.seed + 1, dataset=dataset)
+    bn_stats_step = jax.jit(
+        step_lib.make_bn_stats_step(model_def),
+        in_shardings=(state_shardings.params, state_shardings.batch_stats, rest_shardings,
+                      data_sh),
+        out_shardings=state_shardings.batch_stats)
+    log.info("BatchNorm statistics re-estimated before each evaluation (%s) on %d training "
+             "batches of %d (augmented, seed %d), averaged",
+             "live and EMA model" if config.ema_decay > 0 else "live model", num_recal,
+             recal_batch_size, config.seed + 1)
+    return Evaluator(eval_step, eval_batches, rest, bn_stats_step, recal_it, num_recal)
