@@ -89,6 +89,10 @@ def _call(backend, interpret, kernel, *, grid, in_specs, out_specs, out_shape, n
                           out_shape=out_shape, interpret=interp, name=name, **kw)
 
 
+_jit = functools.partial(
+    jax.jit, static_argnames=("scale", "backend", "interpret", "block_q", "block_k"))
+
+
 def _small_spec(backend):
     """A whole small parameter array (mix, shift, kmat): SMEM scalars on TPU."""
     if backend == "tpu":
@@ -157,7 +161,9 @@ def _probs(q_tile, k_tile, lse, valid, scale):
 
 def _tile(ref, h, start, size):
     """Rows [start, start + size) of head h of a (H, N_pad, X) block."""
-    return ref[h, pl.ds(pl.multiple_of(start, size), size), :]
+    if not isinstance(start, int):  # a loop index times the tile: tell the compiler
+        start = pl.multiple_of(start, size)
+    return ref[h, pl.ds(start, size), :]
 
 
 def _hxh(values, h_pad):
@@ -224,6 +230,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad
     gram_ref[...] = _hxh(sums, h_pad)
 
 
+@_jit
 def reattn_stats(q, k, *, scale, backend, interpret=False, block_q=None, block_k=None):
     """F1: (lse (B, H, N) float32, gram (H, H) float32, a sum over batch, rows and keys)."""
     _check("reattn_stats", q, k)
@@ -280,6 +287,7 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, mix_ref, shift_ref, o_ref, *, sc
         o_ref[o] = (accs[o] + shift_ref[o] * vsums[o]).astype(o_ref.dtype)
 
 
+@_jit
 def reattn_apply(q, k, v, lse, mix, shift, *, scale, backend, interpret=False, block_q=None,
                  block_k=None):
     """F2: out_o = (sum_h mix[o, h] A_h) @ v_o + shift[o] * sum_j v_o[j], in q's dtype."""
@@ -331,6 +339,7 @@ def _bwd_stats_kernel(q_ref, k_ref, v_ref, lse_ref, do_ref, dmix_ref, *, scale, 
     dmix_ref[...] = _hxh({p: _total(a) for a, p in zip(acc, pairs, strict=True)}, h_pad)
 
 
+@_jit
 def reattn_bwd_stats(q, k, v, lse, dout, *, scale, backend, interpret=False, block_q=None,
                      block_k=None):
     """B1: dmix_c[o, h] = sum_{b,i,j} (dout_o v_o^T)[i, j] (A_h[i, j] - 1/N), float32."""
@@ -456,6 +465,7 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref, mix_ref, sh
         dv_ref[h] = (dvs[h] + shift_ref[h] * dosums[h]).astype(dv_ref.dtype)
 
 
+@_jit
 def reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale, backend, interpret=False,
                block_q=None, block_k=None):
     """B2: (dq, dk, dv) in q's dtype, from the map gradient
