@@ -206,7 +206,8 @@ def load_model_state(path: str | os.PathLike, *, sharding: jax.sharding.Sharding
     """(ModelConfig, nnx.State of params + BatchNorm statistics) stored in ``path``.
 
     Every array is placed with ``sharding`` (default: the first local device). The training
-    loop's ``init_from`` merges this state into its freshly built model with ``nnx.update``.
+    loop's ``init_from`` (``train.state.load_pretrained``) copies these arrays, by path, into
+    its freshly initialised parameters and BatchNorm statistics.
     """
     cfg = read_config(path)
     _, weights, _ = abstract_split(cfg)

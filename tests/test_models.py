@@ -14,7 +14,7 @@ from flax import nnx
 import deepvit_jax as dj
 from deepvit_jax.models.deepvit import Attention, ModelConfig
 
-# Official parameter counts (reference §3), counted from the released code.
+# Official parameter counts, counted from the released code (github.com/zhoudaquan/dvit_repo).
 OFFICIAL_PARAMS = {
     "deepvit_16b": 24_426_664,
     "deepvit_24b": 36_261_448,
@@ -94,7 +94,7 @@ def test_variant_structure_matches_reference_table():
 
 def numpy_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, theta=None, theta_b=None,
                     bn=None, eps=1e-5, scale_map=1.0):
-    """The paper's (Re-)attention in NumPy float64, straight from reference §2."""
+    """The paper's (Re-)attention in NumPy float64, step by step as in the official code."""
     b, n, _ = x.shape
     hd = qkv_w.shape[1] // 3 // heads
     qkv = (x @ qkv_w + qkv_b).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
