@@ -9,8 +9,6 @@ from collections.abc import Iterator
 
 import jax
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
 
 def path_str(path, sep: str = "/") -> str:
     """The keys of a pytree path (``jax.tree_util`` keys or a plain tuple) joined by ``sep``;
