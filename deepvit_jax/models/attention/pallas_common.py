@@ -71,13 +71,24 @@ def _cfg(backend, n, d, h, block_q, block_k):
     return bq, bk, n_pad, d_pad, h_pad
 
 
-def _call(backend, interpret, kernel, *, grid, in_specs, out_specs, out_shape, name):
+def _call(backend, interpret, kernel, *, grid, in_specs, out_specs, out_shape, name,
+          temp_bytes=0):
+    """pallas_call with the backend's compiler parameters.
+
+    TPU: ``temp_bytes`` (the kernel's live float32 tiles) plus the VMEM blocks are estimated
+    (:func:`_vmem_estimate`); past 12 MiB the scoped-VMEM limit (16 MiB by default on some
+    chips) is raised to 1.5x the estimate, at most 64 MiB (v7x has 64 MiB per core).
+    """
     kw = {}
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
+        specs = list(in_specs) + (list(out_specs) if isinstance(out_specs, (list, tuple))
+                                  else [out_specs])
+        est = temp_bytes + sum(_vmem_estimate(sp) for sp in specs)
+        limit = min(int(1.5 * est), 64 << 20) if est > 12 << 20 else None
         kw["compiler_params"] = pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"))
+            dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=limit)
         # TPU interpret mode simulates TPU memory spaces (SMEM scalars, VMEM blocks) on CPU.
         interp = pltpu.InterpretParams() if interpret else False
     else:
@@ -87,6 +98,35 @@ def _call(backend, interpret, kernel, *, grid, in_specs, out_specs, out_shape, n
         interp = bool(interpret)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interp, name=name, **kw)
+
+
+def _vmem_estimate(spec):
+    """Bytes of VMEM a TPU BlockSpec takes: (8, 128)-tiled float32-sized words (bf16 is
+    counted as float32: an upper bound), times its number of buffers."""
+    shape = getattr(spec, "block_shape", None)
+    if shape is None:  # a whole-array SMEM operand (mix, shift, kmat)
+        return 0
+    dims = [x for x in shape if x is not None]
+    rows, cols = dims[-2] if len(dims) > 1 else 1, dims[-1]
+    words = math.prod(dims[:-2]) * (-(-rows // 8) * 8) * (-(-cols // 128) * 128)
+    mode = getattr(spec, "pipeline_mode", None)
+    return 4 * words * (mode.buffer_count if mode is not None else 2)
+
+
+def _temps(heads, bq, bk, maps):
+    """Live float32 (bq, bk) tiles of a kernel: ``maps`` per-head lists of them, plus H^2
+    (8, 128)-padded accumulators."""
+    return 4 * (maps * heads * bq * bk + heads * heads * 8 * max(bk, 128))
+
+
+def _seq_spec(backend, heads, n_pad, width):
+    """The whole (padded) sequence of every head of one batch element: (H, N_pad, width).
+
+    Its block index changes only with the batch element, so on TPU one VMEM buffer is kept
+    instead of two (the whole-sequence K and V are the largest blocks).
+    """
+    kw = {"pipeline_mode": pl.Buffered(1)} if backend == "tpu" else {}
+    return pl.BlockSpec((None, heads, n_pad, width), lambda i, j: (i, 0, 0, 0), **kw)
 
 
 _jit = functools.partial(
@@ -176,9 +216,9 @@ def _hxh(values, h_pad):
     return out
 
 
-def _total(col):
-    """(bq, 1) -> (1, 1) sum."""
-    return jnp.sum(col, axis=0, keepdims=True)
+def _total(row):
+    """(1, bk) -> (1, 1) sum."""
+    return jnp.sum(row, axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -211,7 +251,8 @@ def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad
     for h in range(heads):
         lse_ref[h] = lses[h]
 
-    # Sweep 2: the centred maps of all heads on one tile -> row sums of their products.
+    # Sweep 2: the centred maps of all heads on one tile -> column sums of their products
+    # ((1, bk) rows: a (bq, 1) column would take a whole lane-padded tile on TPU).
     pairs = [(h, g) for h in range(heads) for g in range(h + 1)]
 
     def sweep2(t, acc):
@@ -220,10 +261,10 @@ def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad
                          _probs(qs[h], _tile(k_ref, h, t * bk, bk), lses[h], valid, scale)
                          - 1.0 / n, 0.0)
                for h in range(heads)]
-        return tuple(a + jnp.sum(cen[h] * cen[g], axis=1, keepdims=True)
+        return tuple(a + jnp.sum(cen[h] * cen[g], axis=0, keepdims=True)
                      for a, (h, g) in zip(acc, pairs, strict=True))
 
-    acc = lax.fori_loop(0, num_k, sweep2, tuple(jnp.zeros((bq, 1), F32) for _ in pairs))
+    acc = lax.fori_loop(0, num_k, sweep2, tuple(jnp.zeros((1, bk), F32) for _ in pairs))
     sums = {}
     for a, (h, g) in zip(acc, pairs, strict=True):
         sums[(h, g)] = sums[(g, h)] = _total(a)
@@ -241,8 +282,9 @@ def reattn_stats(q, k, *, scale, backend, interpret=False, block_q=None, block_k
                                h_pad=h_pad)
     lse, gram = _call(
         backend, interpret, kernel, grid=(b, nq), name="reattn_stats",
+        temp_bytes=_temps(heads, bq, bk, 2),
         in_specs=[pl.BlockSpec((None, heads, bq, d_pad), lambda i, j: (i, 0, j, 0)),
-                  pl.BlockSpec((None, heads, n_pad, d_pad), lambda i, j: (i, 0, 0, 0))],
+                  _seq_spec(backend, heads, n_pad, d_pad)],
         out_specs=[pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0)),
                    pl.BlockSpec((None, None, h_pad, h_pad), lambda i, j: (i, j, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, heads, n_pad, 1), F32),
@@ -297,9 +339,10 @@ def reattn_apply(q, k, v, lse, mix, shift, *, scale, backend, interpret=False, b
     bq, bk, n_pad, d_pad, _ = _cfg(backend, n, d, heads, block_q, block_k)
     kernel = functools.partial(_apply_kernel, scale=float(scale), n=n, heads=heads, bk=bk)
     tile = pl.BlockSpec((None, heads, bq, d_pad), lambda i, j: (i, 0, j, 0))
-    full = pl.BlockSpec((None, heads, n_pad, d_pad), lambda i, j: (i, 0, 0, 0))
+    full = _seq_spec(backend, heads, n_pad, d_pad)
     out = _call(
         backend, interpret, kernel, grid=(b, n_pad // bq), name="reattn_apply",
+        temp_bytes=_temps(heads, bq, bk, 2),
         in_specs=[tile, full, full,
                   pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0)),
                   _small_spec(backend), _small_spec(backend)],
@@ -331,11 +374,11 @@ def _bwd_stats_kernel(q_ref, k_ref, v_ref, lse_ref, do_ref, dmix_ref, *, scale, 
                for h in range(heads)]
         # dZ_o = dout_o v_o^T (zero at padded keys and rows: both are zero-padded).
         dz = [_logits(dos[o], _tile(v_ref, o, t * bk, bk), 1.0) for o in range(heads)]
-        return tuple(a + jnp.sum(dz[o] * cen[h], axis=1, keepdims=True)
+        return tuple(a + jnp.sum(dz[o] * cen[h], axis=0, keepdims=True)
                      for a, (o, h) in zip(acc, pairs, strict=True))
 
     acc = lax.fori_loop(0, pl.cdiv(n, bk), body,
-                        tuple(jnp.zeros((bq, 1), F32) for _ in pairs))
+                        tuple(jnp.zeros((1, bk), F32) for _ in pairs))
     dmix_ref[...] = _hxh({p: _total(a) for a, p in zip(acc, pairs, strict=True)}, h_pad)
 
 
@@ -350,9 +393,10 @@ def reattn_bwd_stats(q, k, v, lse, dout, *, scale, backend, interpret=False, blo
     kernel = functools.partial(_bwd_stats_kernel, scale=float(scale), n=n, heads=heads, bk=bk,
                                h_pad=h_pad)
     tile = pl.BlockSpec((None, heads, bq, d_pad), lambda i, j: (i, 0, j, 0))
-    full = pl.BlockSpec((None, heads, n_pad, d_pad), lambda i, j: (i, 0, 0, 0))
+    full = _seq_spec(backend, heads, n_pad, d_pad)
     dmix = _call(
         backend, interpret, kernel, grid=(b, nq), name="reattn_bwd_stats",
+        temp_bytes=_temps(heads, bq, bk, 3),
         in_specs=[tile, full, full,
                   pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0)), tile],
         out_specs=pl.BlockSpec((None, None, h_pad, h_pad), lambda i, j: (i, j, 0, 0)),
@@ -479,14 +523,14 @@ def reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale, backend, interpre
     lsep = _pad(lse.astype(F32), n_pad)[..., None]
     mix, shift, kmat = mix.astype(F32), shift.astype(F32), kmat.astype(F32)
     small = _small_spec(backend)
-    full = pl.BlockSpec((None, heads, n_pad, d_pad), lambda i, j: (i, 0, 0, 0))
-    full_col = pl.BlockSpec((None, heads, n_pad, 1), lambda i, j: (i, 0, 0, 0))
+    full = _seq_spec(backend, heads, n_pad, d_pad)
+    full_col = _seq_spec(backend, heads, n_pad, 1)
     q_tile = pl.BlockSpec((None, heads, bq, d_pad), lambda i, j: (i, 0, j, 0))
     q_col = pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0))
     dq, delta = _call(
         backend, interpret,
         functools.partial(_bwd_dq_kernel, scale=float(scale), n=n, heads=heads, bk=bk),
-        grid=(b, n_pad // bq), name="reattn_bwd_dq",
+        grid=(b, n_pad // bq), name="reattn_bwd_dq", temp_bytes=_temps(heads, bq, bk, 5),
         in_specs=[q_tile, full, full, q_col, q_tile, small, small],
         out_specs=[q_tile, q_col],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -496,7 +540,7 @@ def reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale, backend, interpre
     dk, dv = _call(
         backend, interpret,
         functools.partial(_bwd_dkv_kernel, scale=float(scale), n=n, heads=heads, bq=bq),
-        grid=(b, n_pad // bk), name="reattn_bwd_dkv",
+        grid=(b, n_pad // bk), name="reattn_bwd_dkv", temp_bytes=_temps(heads, bq, bk, 6),
         in_specs=[full, k_tile, k_tile, full_col, full_col, full, small, small, small],
         out_specs=[k_tile, k_tile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, q.dtype)] * 2,
