@@ -13,13 +13,24 @@ Layout of every kernel: grid (B, query tiles) -- or (B, key tiles) for dk/dv -- 
 program handles ALL H heads of its tile (the head mixing needs every head at one (i, j)),
 looping over the other axis in tiles with ``lax.fori_loop``. Heads are a static Python loop
 over 2-D (tile, tile) blocks: Triton needs power-of-two tensor dims (H = 12 is not) and
-Mosaic lays out 2-D tiles best. Only lse, the H x H partial sums (one per program, summed
-here), delta (B2's row sums) and the outputs go to HBM; the (B, H, N, N) map never does.
+Mosaic lays out 2-D tiles best.
+
+    F1  sweep 1 over key tiles: online max / sum -> lse; sweep 2: A = exp(S - lse), the
+        H(H+1)/2 products of centred maps summed into (1, bk) rows -> an H x H partial sum
+    F2  one sweep: A of every head, Z_o = sum_h mix[o, h] A_h, acc_o += Z_o @ v_o
+    B1  one sweep: dZ_o = dout_o v_o^T, the H^2 products dZ_o (A_h - 1/N) -> H x H partial
+    B2  kernel 1, per query tile: sweep 1 delta_h = rowsum(A_h dA_h), sweep 2 dq;
+        kernel 2, per key tile, over query tiles: dk, dv (reads lse and delta)
+
+Only lse, delta, the H x H partial sums (one per program, summed here) and the outputs go
+to HBM; the (B, H, N, N) map never does. Every pass recomputes S = scale q k^T.
 
 N is padded to a multiple of the tiles; padded keys get probability 0 (logits masked to a
 large negative number, and maps masked after the exponential), padded query rows are masked
 out of every sum (gram, dmix_c, dk, dv) and dropped. All accumulation is float32; bf16
 inputs go into the matrix units as bf16 (the maps are cast to the value dtype before @ v).
+On GPU the head dim is zero-padded to a power of two (>= 16), the H x H outputs to the next
+power of two.
 
 Hand-written because no library kernel mixes heads between the softmax and @ v (the library
 flash-attention kernels in jax.experimental.pallas.ops handle one head per program).
@@ -402,7 +413,7 @@ def reattn_bwd_stats(q, k, v, lse, dout, *, scale, backend, interpret=False, blo
         out_specs=pl.BlockSpec((None, None, h_pad, h_pad), lambda i, j: (i, j, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, nq, h_pad, h_pad), F32),
     )(_pad(q, n_pad, d_pad), _pad(k, n_pad, d_pad), _pad(v, n_pad, d_pad),
-      _pad(lse.astype(F32), n_pad)[..., None], _pad(dout, n_pad, d_pad))
+      _pad(lse.astype(F32), n_pad)[..., None], _pad(dout.astype(q.dtype), n_pad, d_pad))
     return jnp.sum(dmix, axis=(0, 1))[:heads, :heads]
 
 
@@ -519,7 +530,8 @@ def reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale, backend, interpre
                  ("kmat", kmat, lambda h: (h, h))))
     b, heads, n, d = q.shape
     bq, bk, n_pad, d_pad, _ = _cfg(backend, n, d, heads, block_q, block_k)
-    qp, kp, vp, dop = (_pad(x, n_pad, d_pad) for x in (q, k, v, dout))
+    # dout in q's dtype: the matrix units take one input dtype.
+    qp, kp, vp, dop = (_pad(x.astype(q.dtype), n_pad, d_pad) for x in (q, k, v, dout))
     lsep = _pad(lse.astype(F32), n_pad)[..., None]
     mix, shift, kmat = mix.astype(F32), shift.astype(F32), kmat.astype(F32)
     small = _small_spec(backend)
