@@ -1,0 +1,212 @@
+"""The Colab notebooks (``colab/*.ipynb``), executed end to end on CPU, offline, at tiny size.
+
+Each notebook runs under papermill with its ``parameters`` cell overridden: no install cell,
+no Drive, no TensorBoard, the embedded digits instead of a download, tiny models. Any cell
+that raises fails the test. The tests then check what the notebook produced against an
+independent reference (the training run's own files, the PyTorch reference model).
+Also here: the notebooks are committed stripped and hold no code of their own, the Colab
+config family (``configs/colab.py``) and the helpers of ``deepvit_jax/colab.py``.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+
+import nbformat
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLAB = ROOT / "colab"
+NOTEBOOKS = ("train_tpu.ipynb",)
+
+# The training overrides of tests/test_main.py's TINY run, as config fields, without EMA and
+# BatchNorm re-estimation (fewer programs to compile: CPU time is the budget here).
+TINY = {"model.embed_dim": 16, "model.depth": 2, "model.num_heads": 2,
+        "model.reattn_blocks": [0, 1], "batch_size": 32, "log_every_steps": 1,
+        "data.shuffle_buffer": 256, "eval.bn_recalibration_batches": 0, "ema_decay": 0.0,
+        "eval.batch_size": 120}
+# Everything a test run switches off: installs, Drive, TensorBoard.
+OFFLINE = {"INSTALL": False, "USE_DRIVE": False}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Digits prepared once for every notebook of this module."""
+    d = tmp_path_factory.mktemp("tfds")
+    from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.pipeline import dataset_info
+
+    cfg = digits_data_config()
+    cfg.data_dir = str(d)
+    dataset_info(cfg)
+    return str(d)
+
+
+@pytest.fixture
+def kernel_env(monkeypatch, data_dir):
+    """The notebook kernel's environment: CPU, one device, the prepared TFDS dir."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    return data_dir
+
+
+def execute(name: str, cwd: pathlib.Path, **parameters) -> nbformat.NotebookNode:
+    """Run ``colab/NAME`` with papermill in ``cwd``; returns the executed notebook."""
+    import papermill as pm
+
+    out = cwd / f"executed_{name}"
+    pm.execute_notebook(str(COLAB / name), str(out), parameters={**OFFLINE, **parameters},
+                        kernel_name="python3", cwd=str(cwd), progress_bar=False,
+                        log_output=False, execution_timeout=600)
+    return nbformat.read(out, as_version=4)
+
+
+def text_output(nb: nbformat.NotebookNode) -> str:
+    """Everything the cells printed (stdout, stderr, plain-text results)."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                parts.append(out.text)
+            elif "data" in out and "text/plain" in out.data:
+                parts.append(out.data["text/plain"])
+    return "\n".join(parts)
+
+
+def images_shown(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells
+               for out in cell.get("outputs", []))
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# The committed files
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stripped_parameterised_and_calls_the_package(name):
+    nb = nbformat.read(COLAB / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0], "one parameters cell, the first code cell"
+    for c in code:
+        assert c.outputs == [] and c.execution_count is None, f"outputs left in {name}"
+        # No logic of its own: no functions, classes or loops (they belong in the package).
+        assert not re.search(r"^\s*(def|class|for|while|async)\b|\blambda\b", c.source, re.M), (
+            f"{name}: code that belongs in the package:\n{c.source}")
+        # Installing only behind the INSTALL parameter (the tests skip it).
+        if re.search(r"pip install|git clone", c.source):
+            assert c.source.lstrip().startswith("if INSTALL:"), c.source
+    params = tagged[0].source
+    for p in ("INSTALL", "REPO"):
+        assert re.search(rf"^{p} = ", params, re.M), f"{name}: no {p} parameter"
+    # The install cell clones the repository the README's badges name.
+    readme = (ROOT / "README.md").read_text()
+    repo = re.search(r'^REPO = "([^"]+)"', params, re.M).group(1)
+    assert f"`{repo}`" in readme and f"github/{repo}/blob/main/colab/{name}" in readme
+
+
+# --------------------------------------------------------------------------------------
+# configs/colab.py
+# --------------------------------------------------------------------------------------
+
+
+def _colab_configs():
+    spec = importlib.util.spec_from_file_location("cfg_colab", ROOT / "configs" / "colab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_colab_configs_fit_their_runtime():
+    mod = _colab_configs()
+    from deepvit_jax.train import config as config_lib
+    from deepvit_jax.train.loop import model_config
+
+    for runtime in mod.RUNTIMES:
+        for dataset, ds in mod.DATASETS.items():
+            c = mod.get_config(f"{runtime},{dataset}")
+            config_lib.validate(c)
+            mcfg = model_config(c, 10)
+            assert mcfg.image_size % mcfg.patch_size == 0
+            assert c.batch_size <= ds["num_train"]
+            # a checkpoint every epoch: a disconnected runtime loses at most one
+            assert c.checkpoint.every_steps == ds["num_train"] // c.batch_size
+            if runtime == "tpu_v2_8":
+                assert c.batch_size % 8 == 0  # 8 TPU cores
+            if runtime.startswith("tpu"):
+                assert mcfg.dtype == "bfloat16"
+    # the default dataset is imagenette; the digits recipe is configs/default.py's model
+    assert mod.get_config("gpu").data.dataset == "imagenette/160px"
+    d = mod.get_config("cpu_small,digits")
+    assert (d.model.depth, d.model.embed_dim, d.data.randaugment) == (4, 64, "")
+    with pytest.raises(ValueError, match=r"configs/colab\.py:tpu_v9.*unknown runtime"):
+        mod.get_config("tpu_v9")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        mod.get_config("gpu,mnist")
+
+
+# --------------------------------------------------------------------------------------
+# deepvit_jax/colab.py: the one-line explanations
+# --------------------------------------------------------------------------------------
+
+
+def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
+    from deepvit_jax import colab
+
+    rt = colab.detect_runtime()  # the tests run on CPU
+    assert rt.platform == "cpu" and rt.config_arg == "cpu_small"
+    monkeypatch.chdir(tmp_path)
+    path = colab.resolve_workdir("/content/drive/MyDrive/deepvit-jax/some_run")
+    assert path == str(tmp_path / "runs" / "some_run") and os.path.isdir(path)
+    assert colab.find_weights("/content/drive/MyDrive/w.pth.tar") is None
+    assert colab.find_weights(str(tmp_path / "missing.pth")) is None
+    assert colab.download_weights("") is None
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("runtime: no accelerator, running on CPU at small size")
+    assert "Google Drive is not mounted" in out[1] and "mount_drive" in out[1]
+    assert out[2].endswith("(new run)")
+    assert "not mounted" in out[3] and "dvit_repo" in out[3]
+    assert "no file at" in out[4] and "upload" in out[4]
+    assert "README of https://github.com/zhoudaquan/dvit_repo" in out[5]
+    assert len(out) == 6  # one line each
+    with pytest.raises(ValueError, match=r"has no field 'model\.dept'"):
+        colab.load_config("colab.py:cpu_small,digits", {"model.dept": 2})
+
+
+# --------------------------------------------------------------------------------------
+# The notebooks, executed
+# --------------------------------------------------------------------------------------
+
+
+def test_train_tpu_notebook(tmp_path, kernel_env):
+    """Digits, a tiny model, 6 steps: the real loop writes its checkpoint and metrics into
+    the workdir the notebook chose (Drive is not mounted: a local folder, said so)."""
+    steps = 6
+    nb = execute("train_tpu.ipynb", tmp_path, DATASET="digits", RUNTIME="auto",
+                 TENSORBOARD=False, WORKDIR="/content/drive/MyDrive/deepvit-jax/ci_run",
+                 EXPORT_DIR=str(tmp_path / "model"),
+                 OVERRIDES={**TINY, "total_steps": steps, "eval.every_steps": 1000,
+                            "checkpoint.every_steps": 1000})
+    out = text_output(nb)
+    assert "runtime: no accelerator, running on CPU at small size" in out
+    workdir = tmp_path / "runs" / "ci_run"
+    assert f"Google Drive is not mounted, so using {workdir}" in out
+    assert "config: configs/colab.py:cpu_small,digits" in out
+    rows = _metrics(workdir)
+    evals = [r for r in rows if "eval/top1" in r]
+    assert [r["step"] for r in evals] == [steps]
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps)]
+    # The notebook shows the loop's evaluation.
+    assert f"step {steps}: eval top-1 {evals[0]['eval/top1']:.2f}%" in out
