@@ -212,11 +212,55 @@ def test_kernels_lower_for_the_accelerators(platform):
     x = jax.ShapeDtypeStruct((b, h, n, d), dtype)
     lse = jax.ShapeDtypeStruct((b, h, n), jnp.float32)
     hh, hv = jax.ShapeDtypeStruct((h, h), jnp.float32), jax.ShapeDtypeStruct((h,), jnp.float32)
+    scale = d**-0.5
+
+    def plain_grad(q, k, v):
+        return jax.grad(lambda *a: jnp.sum(mod.plain_attention(*a, scale=scale)
+                                           .astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
     calls = [(mod.reattn_stats, (x, x)), (mod.reattn_apply, (x, x, x, lse, hh, hv)),
              (mod.reattn_bwd_stats, (x, x, x, lse, x)),
              (mod.reattn_bwd, (x, x, x, lse, x, hh, hv, hh))]
-    for fn, args in calls:
-        lowered = jax.jit(functools.partial(fn, scale=d**-0.5)).trace(*args).lower(
-            lowering_platforms=(platform,))
+    calls = [(functools.partial(fn, scale=scale), args) for fn, args in calls]
+    for fn, args in [*calls, (plain_grad, (x, x, x))]:
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
         text = lowered.as_text()
         assert ("triton" if platform == "cuda" else "tpu_custom_call") in text, fn
+
+
+def _plain_oracle(q, k, v, scale):
+    _, a = _maps(q, k, scale)
+    return jnp.einsum("bhij,bhjd->bhid", a, v)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_plain_attention_library_kernels(backend):
+    """The library flash kernels behind plain_attention, N padded and masked by segment ids:
+    forward and gradient against softmax(scale q k^T) v (GPU: interpret=True; TPU: the
+    library has no interpret argument, so the whole gradient is traced in TPU interpret
+    mode)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v, dout, *_ = _inputs(40, seed=5)
+    scale = D**-0.5
+    if backend == "gpu":
+        fn = functools.partial(pallas_gpu.plain_attention, scale=scale, interpret=True,
+                               block=16)
+    else:
+        fn = functools.partial(pallas_tpu.plain_attention, scale=scale)  # tiles of 128
+
+    def both(f):
+        def run(q, k, v):
+            return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * dout), argnums=(0, 1, 2))(
+                q, k, v)
+        return jax.jit(run)
+
+    want, want_grads = both(lambda *a: _plain_oracle(*a, scale))(q, k, v)
+    if backend == "tpu":
+        with pltpu.force_tpu_interpret_mode():
+            got, grads = both(fn)(q, k, v)
+    else:
+        got, grads = both(fn)(q, k, v)
+    assert _rel(got, want) < FP32_TOL
+    for name, g, w in zip("qkv", grads, want_grads, strict=True):
+        assert _rel(g, w) < FP32_TOL, name

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 from deepvit_jax.models.attention import pallas_common as _common
 
 BACKEND = "gpu"
@@ -25,3 +27,27 @@ reattn_stats = functools.partial(_common.reattn_stats, backend=BACKEND)
 reattn_apply = functools.partial(_common.reattn_apply, backend=BACKEND)
 reattn_bwd_stats = functools.partial(_common.reattn_bwd_stats, backend=BACKEND)
 reattn_bwd = functools.partial(_common.reattn_bwd, backend=BACKEND)
+
+
+def plain_attention(q, k, v, *, scale, interpret=False, block=64):
+    """softmax(scale q k^T) v for heads-major (B, H, N, D): the library Pallas flash kernel.
+
+    ``jax.experimental.pallas.ops.gpu.attention.mha`` (its own custom VJP) wants tokens-major
+    (B, N, H, D) and N a multiple of its tiles: N is zero-padded to a multiple of ``block``
+    and the padding masked with segment ids (real tokens 1, padding 0; padded rows dropped).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as lib
+
+    b, _, n, _ = q.shape
+    n_pad = -(-n // block) * block
+    ids = jnp.broadcast_to((jnp.arange(n_pad) < n).astype(jnp.int32), (b, n_pad))
+
+    def tokens_major(x):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))).transpose(0, 2, 1, 3)
+
+    sub = min(block, 32)
+    sizes = lib.BlockSizes(block_q=block, block_k=block, block_q_dkv=sub, block_kv_dkv=sub,
+                           block_q_dq=sub, block_kv_dq=sub)
+    out = lib.mha(tokens_major(q), tokens_major(k), tokens_major(v), ids, sm_scale=float(scale),
+                  block_sizes=sizes, interpret=interpret)
+    return out.transpose(0, 2, 1, 3)[:, :, :n]

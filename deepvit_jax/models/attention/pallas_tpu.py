@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 from deepvit_jax.models.attention import pallas_common as _common
 
 BACKEND = "tpu"
@@ -25,3 +27,30 @@ reattn_stats = functools.partial(_common.reattn_stats, backend=BACKEND)
 reattn_apply = functools.partial(_common.reattn_apply, backend=BACKEND)
 reattn_bwd_stats = functools.partial(_common.reattn_bwd_stats, backend=BACKEND)
 reattn_bwd = functools.partial(_common.reattn_bwd, backend=BACKEND)
+
+
+def plain_attention(q, k, v, *, scale, block=128):
+    """softmax(scale q k^T) v for heads-major (B, H, N, D): the library Pallas flash kernel.
+
+    ``jax.experimental.pallas.ops.tpu.flash_attention`` (its own custom VJP) wants N a
+    multiple of its tiles (128 by default): N is zero-padded to a multiple of ``block`` and
+    the padding masked with segment ids (real tokens 1, padding 0; padded rows dropped).
+    The library has no interpret argument: on CPU, trace the call and its gradient under
+    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as lib
+
+    b, _, n, _ = q.shape
+    n_pad = -(-n // block) * block
+    ids = jnp.broadcast_to((jnp.arange(n_pad) < n).astype(jnp.int32), (b, n_pad))
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
+
+    sizes = lib.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
+                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
+                           block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
+                           block_q_dq=block)
+    out = lib.flash_attention(pad(q), pad(k), pad(v), segment_ids=lib.SegmentIds(ids, ids),
+                              sm_scale=float(scale), block_sizes=sizes)
+    return out[:, :, :n]
