@@ -52,10 +52,12 @@ F32 = jnp.float32
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 BACKENDS = ("gpu", "tpu")
-# Default tiles. TPU: lane-aligned 128 (Mosaic wants the last two block dims multiples of
-# (8, 128) or full). GPU: 32, because a program holds H (tile x tile) float32 maps at once;
-# both are untuned (no accelerator measured them yet: bash benchmarks/gpu.sh).
-DEFAULT_BLOCKS = {"gpu": (32, 32), "tpu": (128, 128)}
+# Default tiles, untuned (no accelerator has measured them yet: bash benchmarks/gpu.sh).
+# TPU: lane-aligned 128 (Mosaic wants the last two block dims multiples of (8, 128) or full;
+# live tiles spill to VMEM). GPU: 16, the smallest tl.dot tile, because a program keeps
+# up to five lists of H (tile x tile) float32 maps live in registers: 12 heads x 16 x 16 x
+# 4 B = 12 KiB per list, ~120 registers a thread at 4 warps (32 x 32 would spill).
+DEFAULT_BLOCKS = {"gpu": (16, 16), "tpu": (128, 128)}
 
 
 # --------------------------------------------------------------------------------------

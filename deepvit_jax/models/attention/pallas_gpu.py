@@ -9,7 +9,7 @@ gpu backend and calls the contract's four functions, named as in ``xla.py``:
     reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale)    -> (dq, dk, dv)
 
 Each also takes ``interpret=False`` (True: run in Pallas interpret mode, e.g. on CPU in
-tests) and ``block_q``, ``block_k`` (query / key tile; default 32 x 32). The kernels
+tests) and ``block_q``, ``block_k`` (query / key tile; default 16 x 16). The kernels
 themselves, their grid and tiling are in ``pallas_common.py``.
 """
 
