@@ -120,6 +120,7 @@ def test_forward_passes_match_oracle(backend, n, block):
     assert _rel(lse, want_lse) < FP32_TOL
     assert _rel(gram, want_gram) < FP32_TOL
     assert _rel(out, oracle_apply(q, k, v, mix, shift, scale)) < FP32_TOL
+    assert _rel(mod.reattn_lse(q, k, scale=scale, **_kw(block)), want_lse) < FP32_TOL
 
 
 @pytest.mark.parametrize("backend,n,block", CASES)

@@ -238,7 +238,7 @@ def _total(row):
 # F1: lse and the centred Gram
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad):
+def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref=None, *, scale, n, heads, bk, h_pad):
     bq = q_ref.shape[1]
     q_start = pl.program_id(1) * bq
     qs = [q_ref[h] for h in range(heads)]
@@ -263,6 +263,8 @@ def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad
     lses = [ms[h] + jnp.log(ls[h]) for h in range(heads)]
     for h in range(heads):
         lse_ref[h] = lses[h]
+    if gram_ref is None:  # reattn_lse: no second sweep
+        return
 
     # Sweep 2: the centred maps of all heads on one tile -> column sums of their products
     # ((1, bk) rows: a (bq, 1) column would take a whole lane-padded tile on TPU).
@@ -287,23 +289,39 @@ def _stats_kernel(q_ref, k_ref, lse_ref, gram_ref, *, scale, n, heads, bk, h_pad
 @_jit
 def reattn_stats(q, k, *, scale, backend, interpret=False, block_q=None, block_k=None):
     """F1: (lse (B, H, N) float32, gram (H, H) float32, a sum over batch, rows and keys)."""
+    return _stats(q, k, scale, backend, interpret, block_q, block_k, with_gram=True)
+
+
+@_jit
+def reattn_lse(q, k, *, scale, backend, interpret=False, block_q=None, block_k=None):
+    """F1's first sweep alone: lse (B, H, N) float32 (eval mode needs no Gram)."""
+    return _stats(q, k, scale, backend, interpret, block_q, block_k, with_gram=False)
+
+
+def _stats(q, k, scale, backend, interpret, block_q, block_k, *, with_gram):
     _check("reattn_stats", q, k)
     b, heads, n, d = q.shape
     bq, bk, n_pad, d_pad, h_pad = _cfg(backend, n, d, heads, block_q, block_k)
     nq = n_pad // bq
     kernel = functools.partial(_stats_kernel, scale=float(scale), n=n, heads=heads, bk=bk,
                                h_pad=h_pad)
-    lse, gram = _call(
-        backend, interpret, kernel, grid=(b, nq), name="reattn_stats",
+    out_specs = [pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, heads, n_pad, 1), F32)]
+    if with_gram:
+        out_specs.append(pl.BlockSpec((None, None, h_pad, h_pad), lambda i, j: (i, j, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, nq, h_pad, h_pad), F32))
+    outs = _call(
+        backend, interpret, kernel, grid=(b, nq),
+        name="reattn_stats" if with_gram else "reattn_lse",
         temp_bytes=_temps(heads, bq, bk, 2),
         in_specs=[pl.BlockSpec((None, heads, bq, d_pad), lambda i, j: (i, 0, j, 0)),
                   _seq_spec(backend, heads, n_pad, d_pad)],
-        out_specs=[pl.BlockSpec((None, heads, bq, 1), lambda i, j: (i, 0, j, 0)),
-                   pl.BlockSpec((None, None, h_pad, h_pad), lambda i, j: (i, j, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, heads, n_pad, 1), F32),
-                   jax.ShapeDtypeStruct((b, nq, h_pad, h_pad), F32)],
+        out_specs=out_specs, out_shape=out_shape,
     )(_pad(q, n_pad, d_pad), _pad(k, n_pad, d_pad))
-    return lse[:, :, :n, 0], jnp.sum(gram, axis=(0, 1))[:heads, :heads]
+    lse = outs[0][:, :, :n, 0]
+    if not with_gram:
+        return lse
+    return lse, jnp.sum(outs[1], axis=(0, 1))[:heads, :heads]
 
 
 # --------------------------------------------------------------------------------------

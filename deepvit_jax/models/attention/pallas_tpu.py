@@ -8,9 +8,15 @@ tpu backend and calls the contract's four functions, named as in ``xla.py``:
     reattn_bwd_stats(q, k, v, lse, dout, *, scale)                -> dmix_c
     reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale)    -> (dq, dk, dv)
 
-Each also takes ``interpret=False`` (True: run in Pallas interpret mode, e.g. on CPU in
-tests) and ``block_q``, ``block_k`` (query / key tile; default 128 x 128). The kernels
-themselves, their grid and tiling are in ``pallas_common.py``.
+and, beyond the contract, ``reattn_lse(q, k, *, scale) -> lse`` (F1 without the Gram, for
+eval mode: ``reattn_apply(q, k, v, reattn_lse(q, k, scale=s), mix, shift, scale=s)``) and
+``plain_attention(q, k, v, *, scale)`` (no mixing: the library Pallas flash kernel).
+
+The passes and ``reattn_lse`` also take ``interpret=False`` (True: run in Pallas
+interpret mode, e.g. on CPU in tests) and ``block_q``, ``block_k`` (query / key tile; default
+128 x 128). The kernels, their grid and tiling are in ``pallas_common.py``.
+``plain_attention`` takes ``block`` (its N tile) and no ``interpret``
+(see its docstring).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ reattn_stats = functools.partial(_common.reattn_stats, backend=BACKEND)
 reattn_apply = functools.partial(_common.reattn_apply, backend=BACKEND)
 reattn_bwd_stats = functools.partial(_common.reattn_bwd_stats, backend=BACKEND)
 reattn_bwd = functools.partial(_common.reattn_bwd, backend=BACKEND)
+# Eval mode: F1's first sweep alone, lse (B, H, N) without the Gram.
+reattn_lse = functools.partial(_common.reattn_lse, backend=BACKEND)
 
 
 def plain_attention(q, k, v, *, scale, block=128):
