@@ -19,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
-NOTEBOOKS = ("train_tpu.ipynb",)
+NOTEBOOKS = ("quickstart.ipynb", "train_tpu.ipynb")
 
 # The training overrides of tests/test_main.py's TINY run, as config fields, without EMA and
 # BatchNorm re-estimation (fewer programs to compile: CPU time is the budget here).
@@ -210,3 +210,42 @@ def test_train_tpu_notebook(tmp_path, kernel_env):
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps)]
     # The notebook shows the loop's evaluation.
     assert f"step {steps}: eval top-1 {evals[0]['eval/top1']:.2f}%" in out
+
+
+_TOP_K_LINE = re.compile(r"^\s+(\d)\.\s+([\d.]+)%  (.+)  \[(\d+)\]$", re.M)
+
+
+def test_quickstart_notebook(tmp_path, kernel_env):
+    """A tiny checkpoint in the official release's format (the PyTorch reference model, a
+    2-block DeepViT-S at 32 px with 1000 classes) goes through the notebook's weights cell;
+    its top-5 on the sample image equals the PyTorch model's, and the maps are drawn."""
+    import torch
+
+    from deepvit_jax.models import get_config
+    from deepvit_jax.predict import class_names, load_inputs, top_k
+    from deepvit_jax.reference import official as R
+
+    torch.manual_seed(0)
+    ref = R.randomize_(R.create("deepvit_S", img_size=32, depth=2, reattn=range(1, 2)), seed=0)
+    ref.eval()
+    weights = tmp_path / "DViT_tiny.pth.tar"
+    torch.save({"state_dict": ref.state_dict(), "epoch": 1}, weights)
+    overrides = {"image_size": 32, "depth": 2, "reattn_blocks": [1]}
+    nb = execute("quickstart.ipynb", tmp_path, MODEL="deepvit_s", MODEL_OVERRIDES=overrides,
+                 WEIGHTS=str(weights), BLOCKS=[0, 1])
+    out = text_output(nb)
+    assert "runtime: no accelerator" in out
+    assert f"weights: converted {weights} -> deepvit_s" in out
+
+    # The PyTorch model on the image the notebook classified, preprocessed the same way.
+    cfg = get_config("deepvit_s", image_size=32, depth=2, reattn_blocks=(1,))
+    x, _ = load_inputs([str(tmp_path / "cat.png")], cfg)
+    with torch.no_grad():
+        logits = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    want_idx, want_p = top_k(logits, 5)
+    got = _TOP_K_LINE.findall(out)
+    assert [int(g[3]) for g in got] == want_idx[0].tolist()
+    names = class_names(1000)
+    assert [g[2] for g in got] == [names[i] for i in want_idx[0]]
+    assert [float(g[1]) for g in got] == pytest.approx((want_p[0] * 100).tolist(), abs=0.006)
+    # (attention maps: once deepvit_jax.analysis lands)
