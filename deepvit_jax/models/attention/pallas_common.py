@@ -188,8 +188,9 @@ def _logits(q_tile, k_tile, scale):
 
 
 def _tn(a, b):
-    """a^T b in float32: (bq, bk) x (bq, D) -> (bk, D)."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+    """a^T b in float32 for a float32 a: (bq, bk) x (bq, D) -> (bk, D). The float32 tile is
+    transposed, then cast to b's dtype (as the library TPU flash-attention backward does)."""
+    return _nn(a.T.astype(b.dtype), b)
 
 
 def _nn(a, b):
@@ -522,12 +523,12 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref, mix_ref, sh
         new_dk, new_dv, new_ds = [], [], []
         for h in range(heads):
             ds = probs[h] * (dmaps[h] - deltas[h])
-            new_dk.append(dks[h] + _tn(ds.astype(qs[h].dtype), qs[h]))
+            new_dk.append(dks[h] + _tn(ds, qs[h]))
         for o in range(heads):
             z = mix[o][0] * probs[0]
             for h in range(1, heads):
                 z = z + mix[o][h] * probs[h]
-            new_dv.append(dvs[o] + _tn(z.astype(dos[o].dtype), dos[o]))
+            new_dv.append(dvs[o] + _tn(z, dos[o]))
             # Padded dout rows are zero: the column sum needs no mask.
             new_ds.append(dosums[o] + jnp.sum(dos[o].astype(F32), axis=0, keepdims=True))
         return tuple(new_dk), tuple(new_dv), tuple(new_ds)
