@@ -265,3 +265,17 @@ def test_plain_attention_library_kernels(backend):
     assert _rel(got, want) < FP32_TOL
     for name, g, w in zip("qkv", grads, want_grads, strict=True):
         assert _rel(g, w) < FP32_TOL, name
+
+
+def test_bad_shapes_are_named():
+    q, k, v, dout, mix, shift, kmat = _inputs(17)
+    lse = jnp.zeros((B, H, 17))
+    with pytest.raises(ValueError, match=r"reattn_apply: lse shape \(2, 3, 16\)"):
+        pallas_gpu.reattn_apply(q, k, v, lse[..., :16], mix, shift, scale=1.0)
+    with pytest.raises(ValueError, match=r"reattn_bwd: kmat shape \(3, 4\) != \(3, 3\)"):
+        pallas_tpu.reattn_bwd(q, k, v, lse, dout, mix, shift, kmat[:, :2].repeat(2, 1),
+                              scale=1.0)
+    with pytest.raises(ValueError, match=r"reattn_stats: k shape"):
+        pallas_gpu.reattn_stats(q, k[:, :, :5], scale=1.0)
+    with pytest.raises(ValueError, match="heads-major"):
+        pallas_tpu.reattn_lse(q[0], k[0], scale=1.0)
