@@ -2,7 +2,9 @@
 
 Each op runs as a ``tf.data`` map over in-memory inputs with one thread (TF intra/inter-op
 threads = 1, a one-thread private pool) and the dataset is consumed by ``Dataset.reduce`` (no
-Python per element), so the numbers are microseconds per image **per core**.  The "identity
+Python per element), so the numbers are microseconds per image **per core**.  Times are process CPU time
+(``time.process_time``), not wall time: on a machine shared with other jobs the wall time
+counts their work too.  The "identity
 map" row is the per-example tf.data overhead included in every other row.  A PIL decode +
 resize loop (the floor of ``data_throughput.py``) runs in the same process, for scale.
 
@@ -33,11 +35,14 @@ def _sibling(name: str):
     return mod
 
 
+REPEAT = 1
+
+
 def time_map(elements, fn, repeats: int) -> float:
     """Best-of-``repeats`` microseconds per element of ``ds.map(fn)`` on one thread."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(elements).map(fn, num_parallel_calls=1)
+    ds = tf.data.Dataset.from_tensor_slices(elements).repeat(REPEAT).map(fn, num_parallel_calls=1)
     ds = ds.map(lambda *x: 0)
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = 1
@@ -47,9 +52,9 @@ def time_map(elements, fn, repeats: int) -> float:
     n = int(ds.reduce(0, lambda s, _: s + 1))        # warm-up (tracing)
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         ds.reduce(0, lambda s, _: s + 1)
-        best = min(best, (time.perf_counter() - t) / n)
+        best = min(best, (time.process_time() - t) / n)
     return best * 1e6
 
 
@@ -149,7 +154,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": "500x375 JPEG quality 90 cut from scikit-image photographs",
         "output_size": size, "num_images": args.num_images, "repeats": rep,
-        "unit": "microseconds per image, one thread (best of repeats)",
+        "unit": "CPU microseconds per image, one thread (best of repeats)",
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
                  "tensorflow": tf.__version__,
                  "note": "2-core machine shared with other jobs: absolute numbers are noisy, "

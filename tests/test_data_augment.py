@@ -132,11 +132,13 @@ def test_parse_randaugment_spec():
 
 
 def test_magnitude_noise_statistics():
-    ms = np.array([float(A.sample_magnitude(tf.constant([i, 7], tf.int64), 9.0, 0.5))
-                   for i in range(400)])
+    u = tf.random.stateless_uniform([4000], tf.constant([0, 7], tf.int64))
+    ms = A.sample_magnitude(u, 9.0, 0.5).numpy()
     assert ms.max() <= 10.0 and ms.min() >= 0.0
-    assert abs(ms.mean() - 8.99) < 0.08          # N(9, 0.5) clipped at 10: mean 8.996
-    assert 0.4 < ms.std() < 0.55
+    assert abs(ms.mean() - 8.996) < 0.03         # N(9, 0.5) clipped at 10: mean 8.996
+    assert 0.45 < ms.std() < 0.51                # sd 0.48
+    assert A.sample_magnitude(u, 9.0, math.inf).numpy().std() == pytest.approx(9 / 12**0.5,
+                                                                              rel=0.05)
 
 
 def test_random_erasing_rectangle_inside_image():

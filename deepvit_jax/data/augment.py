@@ -396,29 +396,39 @@ def apply_op(name: str, image, arg, fill):
     return op(image, arg, fill)
 
 
-def sample_magnitude(seed, magnitude, magnitude_std, magnitude_max=None):
-    """timm: m ~ N(m, mstd) (or U(0, m) for mstd=inf), clipped to [0, mmax or 10]."""
+def sample_magnitude(u, magnitude, magnitude_std, magnitude_max=None):
+    """timm: m ~ N(m, mstd) (or U(0, m) for mstd=inf), clipped to [0, mmax or 10], from one
+    uniform ``u`` (through the normal quantile)."""
     upper = float(magnitude_max or LEVEL_DENOM)
     if magnitude_std == math.inf:
-        m = _uniform(seed, (), 0.0, magnitude)
+        m = u * magnitude
     elif magnitude_std > 0:
-        m = magnitude + magnitude_std * tf.random.stateless_normal((), seed)
+        m = magnitude + magnitude_std * tf.math.ndtri(u)
     else:
-        m = tf.constant(magnitude, tf.float32)
+        m = tf.constant(magnitude, tf.float32) + 0.0 * u
     return tf.clip_by_value(m, 0.0, upper)
 
 
-def draw_layer(seed, params: dict):
-    """(op index, apply, level, negate) of one RandAugment layer: op uniform over the
-    transforms, applied with probability ``prob`` (timm skips when random() > prob), level
-    from ``sample_magnitude``, sign coin 0.5."""
-    s = split_seed(seed, 4)
-    op = tf.random.stateless_uniform((), s[0], 0, len(params["transforms"]), dtype=tf.int32)
-    apply = _uniform(s[1]) <= params["prob"]
-    level = sample_magnitude(s[2], params["magnitude"], params["magnitude_std"],
+LAYER_UNIFORMS = 4      # per RandAugment layer: op, apply, magnitude, sign
+
+
+def draw_layers(u, params: dict):
+    """(op index, apply, level, negate) of RandAugment layers from uniforms ``u`` (..., 4):
+    op uniform over the transforms, applied with probability ``prob`` (timm skips when
+    random() > prob), level from ``sample_magnitude``, sign coin 0.5.  One random call per
+    example instead of one per decision (each stateless op costs ~50 us in tf.data)."""
+    n = len(params["transforms"])
+    op = tf.minimum(tf.cast(tf.floor(u[..., 0] * n), tf.int32), n - 1)
+    apply = u[..., 1] <= params["prob"]
+    level = sample_magnitude(u[..., 2], params["magnitude"], params["magnitude_std"],
                              params["magnitude_max"])
-    negate = _uniform(s[3]) > 0.5
+    negate = u[..., 3] > 0.5
     return op, apply, level, negate
+
+
+def draw_layer(seed, params: dict):
+    """One layer's draws from a stateless seed."""
+    return draw_layers(_uniform(seed, [LAYER_UNIFORMS]), params)
 
 
 def randaugment(image, seed, params: dict, fill: Sequence[int]):
@@ -426,17 +436,16 @@ def randaugment(image, seed, params: dict, fill: Sequence[int]):
     with probability 0.5, magnitude sampled per op."""
     names = params["transforms"]
     fill = tf.constant([float(v) for v in fill], tf.float32)
-    seeds = split_seed(seed, params["num_layers"])
+    draws = draw_layers(_uniform(seed, [params["num_layers"], LAYER_UNIFORMS]), params)
     for layer in range(params["num_layers"]):
-        op, apply, level, negate = draw_layer(seeds[layer], params)
+        op, apply, level, negate = (d[layer] for d in draws)
 
         def branch(name, image=image, level=level, negate=negate):
             return lambda: apply_op(name, image, level_to_arg(name, level, negate), fill)
 
-        branches = [branch(n) for n in names]
-        # tf.cond / switch_case run only the chosen op, and nothing when the coin says skip.
-        image = tf.cond(apply, lambda b=branches, op=op: tf.switch_case(op, b),
-                        lambda x=image: tf.identity(x))
+        # one switch: the drawn op, or the identity when the coin says skip (index len(names))
+        branches = [branch(n) for n in names] + [lambda x=image: tf.identity(x)]
+        image = tf.switch_case(tf.where(apply, op, len(names)), branches)
         image.set_shape([None, None, 3])
     return image
 
@@ -456,29 +465,33 @@ def random_erasing(image, seed, *, probability=0.25, mode="pixel", max_count=1,
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     area = tf.cast(height * width, tf.float32)
-    s = split_seed(seed, 2 + max_count)
-    do = _uniform(s[0]) < probability
+    s = split_seed(seed, 1 + max_count)
+    per_box = 2 * attempts + 2                   # areas, aspect ratios, top, left
+    u = _uniform(s[0], [2 + max_count * per_box])   # one random call for all the decisions
+    do = u[0] < probability
     if max_count > 1:
-        count = tf.random.stateless_uniform((), s[1], 1, max_count + 1, dtype=tf.int32)
+        count = tf.minimum(tf.cast(tf.floor(u[1] * max_count), tf.int32) + 1, max_count)
     else:
         count = tf.constant(1, tf.int32)
     rows = tf.range(height)[:, None, None]
     cols = tf.range(width)[None, :, None]
+    lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
     for j in range(max_count):
-        sj = split_seed(s[2 + j], 5)
-        target = (_uniform(sj[0], [attempts], min_area, max_area) * area
+        uj = u[2 + j * per_box:2 + (j + 1) * per_box]
+        target = ((min_area + (max_area - min_area) * uj[:attempts]) * area
                   / tf.cast(count, tf.float32))
-        r = tf.exp(_uniform(sj[1], [attempts], math.log(min_aspect), math.log(1 / min_aspect)))
+        r = tf.exp(lo + (hi - lo) * uj[attempts:2 * attempts])
         h = tf.cast(tf.round(tf.sqrt(target * r)), tf.int32)
         w = tf.cast(tf.round(tf.sqrt(target / r)), tf.int32)
         ok = (w < width) & (h < height)
         k = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
         hk, wk = h[k], w[k]
-        u = _uniform(sj[2], [2])
-        top = tf.minimum(tf.cast(u[0] * tf.cast(height - hk + 1, tf.float32), tf.int32),
+        top = tf.minimum(tf.cast(uj[-2] * tf.cast(height - hk + 1, tf.float32), tf.int32),
                          height - hk)
-        left = tf.minimum(tf.cast(u[1] * tf.cast(width - wk + 1, tf.float32), tf.int32), width - wk)
-        def erase(x=image, top=top, left=left, hk=hk, wk=wk, s3=sj[3]):
+        left = tf.minimum(tf.cast(uj[-1] * tf.cast(width - wk + 1, tf.float32), tf.int32),
+                          width - wk)
+
+        def erase(x=image, top=top, left=left, hk=hk, wk=wk, s3=s[1 + j]):
             inside = (rows >= top) & (rows < top + hk) & (cols >= left) & (cols < left + wk)
             if mode == "pixel":       # noise for the box only (as timm), padded to the image
                 fill = tf.random.stateless_normal(tf.stack([hk, wk, 3]), s3)
@@ -490,7 +503,7 @@ def random_erasing(image, seed, *, probability=0.25, mode="pixel", max_count=1,
             return tf.where(inside, fill, x)
 
         active = do & tf.reduce_any(ok) & (j < count)
-        image = tf.cond(active, erase, lambda x=image: tf.identity(x))   # no cost when idle
+        image = tf.cond(active, erase, lambda x=image: tf.identity(x))
     return image
 
 
