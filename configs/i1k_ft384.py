@@ -16,6 +16,8 @@ per-block rematerialisation (577 tokens make the 12x577x577 attention maps of 32
 memory bottleneck), or a TPU v4-32 / v5p-32 slice.
 """
 
+from ml_collections import config_dict
+
 from deepvit_jax.train import config as config_lib
 
 RECIPES = {"deepvit_l_384": 84.25}
@@ -27,7 +29,9 @@ def get_config(arg: str = "deepvit_l_384"):
                          f"{sorted(RECIPES)}")
     c = config_lib.imagenet_config(arg)
     c.expected_top1 = RECIPES[arg]
-    c.init_from = ""  # REQUIRED: --config.init_from=PATH (a 224-px DeepViT-L model directory)
+    # Required (validate() refuses a run without it): --config.init_from=PATH, a 224-px
+    # DeepViT-L model directory.
+    c.init_from = config_dict.placeholder(str)
     c.model.remat = True
     c.num_epochs = 30
     c.cooldown_epochs = 0

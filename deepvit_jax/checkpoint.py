@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepvit_jax.errors import InputError
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
-from deepvit_jax.utils import atomic_output, path_str
+from deepvit_jax.utils import as_path, atomic_output, path_str
 
 FORMAT = "deepvit-jax-model"
 VERSION = 1
@@ -37,7 +38,7 @@ WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a model file holds; RNG streams are
 Path = tuple  # a state path, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
 
 
-class ModelFileError(ValueError):
+class ModelFileError(InputError):
     """A model directory is missing, incomplete or does not match its config."""
 
 
@@ -149,44 +150,78 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model directory written by :func:`save_model` (its
+    ``config.json`` says so); the only kind of directory ``overwrite=True`` replaces."""
+    cfg_file = as_path(path) / CONFIG_FILE
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_replaceable(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raise unless ``path`` is free, or (with ``overwrite``) a model directory."""
+    p = as_path(path)
+    if not p.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{p} already exists (pass overwrite=True / --overwrite to "
+                              "replace a model directory)")
+    if not is_model_dir(p):
+        raise ModelFileError(f"{p} exists and is not a deepvit-jax model directory (no "
+                             f"{CONFIG_FILE} of format {FORMAT!r}): refusing to replace it; "
+                             "choose a new output path")
+
+
 def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Write ``model`` (weights + BatchNorm statistics + its ModelConfig) to directory ``path``.
 
     Written to ``path + '.partial'`` first and renamed at the end. Refuses to replace an
-    existing ``path`` unless ``overwrite``. Returns the absolute path.
+    existing ``path`` unless ``overwrite`` and ``path`` is a model directory (never any
+    other directory or file). Returns the absolute path (or the URL, e.g. ``gs://...``).
     """
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"save_model needs a DeepViT (with a .config ModelConfig), "
                         f"got {type(model).__name__}")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    path = as_path(path)
+    check_replaceable(path, overwrite=overwrite)
     primary = jax.process_index() == 0
     with atomic_output(path, primary=primary) as tmp:
+        tmp = as_path(tmp)
         ckptr = _checkpointer()
-        ckptr.save(os.path.join(tmp, STATE_DIR), nnx.state(model, WEIGHTS))
+        ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
         ckptr.wait_until_finished()
         if primary:
-            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            with (tmp / CONFIG_FILE).open("w") as f:
                 json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
                           indent=2)
-    return path
+    return os.fspath(path)
+
+
+def _not_a_model_dir(path) -> str:
+    """Why ``path`` (a directory without config.json) is not a model directory, and the fix."""
+    if (path / "checkpoints").is_dir() or ((path / "state").is_dir() and (
+            (path / "meta").is_dir() or (path / "_CHECKPOINT_METADATA").exists())):
+        return (f"{path} is a training run / checkpoint, not a model directory: export its "
+                "weights first (python -m deepvit_jax.export, see the README)")
+    return (f"{path}: no {CONFIG_FILE}; not a model directory written by save_model (a "
+            "PyTorch file? use python -m deepvit_jax.convert)")
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored in model directory ``path``."""
-    path = os.fspath(path)
-    cfg_file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isdir(path):
+    path = as_path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
         raise ModelFileError(f"{path}: no such model directory (expected {CONFIG_FILE} and "
                              f"{STATE_DIR}/ written by deepvit_jax.checkpoint.save_model)")
-    if not os.path.isfile(cfg_file):
-        raise ModelFileError(f"{path}: no {CONFIG_FILE}; not a model directory written by "
-                             f"save_model (a PyTorch file? use python -m deepvit_jax.convert)")
+    if not cfg_file.exists():
+        raise ModelFileError(_not_a_model_dir(path))
     try:
-        with open(cfg_file) as f:
-            meta = json.load(f)
+        meta = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{cfg_file}: unreadable ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
@@ -214,8 +249,8 @@ def load_model_state(path: str | os.PathLike, *, sharding: jax.sharding.Sharding
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           weights)
-    state_dir = os.path.join(os.path.abspath(os.fspath(path)), STATE_DIR)
-    if not os.path.isdir(state_dir):
+    state_dir = as_path(path) / STATE_DIR
+    if not state_dir.is_dir():
         raise ModelFileError(f"{path}: no {STATE_DIR}/ directory (incomplete model directory)")
     try:
         restored = _checkpointer().restore(state_dir, target)

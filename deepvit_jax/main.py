@@ -10,14 +10,14 @@ Multi-host: on TPU pods and under SLURM (several tasks) ``jax.distributed`` is i
 from the environment; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I`` to every process. Only process 0 writes logs and metrics.
 
-Exit status: 0 done (or preempted after saving), 1 NaN/inf loss, 2 bad config.
+Exit status (``deepvit_jax/errors.py``, the README): 0 done (or preempted after saving a
+checkpoint), 1 NaN/inf loss, 2 bad config or input, 3 workdir locked by another run, 4 I/O
+error, 130 interrupted twice. Every failure is one line on stderr naming the field or file.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,11 +37,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _setup_logging(workdir: str, is_main: bool) -> None:
     from absl import logging as absl_logging
 
+    from deepvit_jax.utils import as_path, is_local
+
     absl_logging.set_verbosity(absl_logging.INFO if is_main else absl_logging.WARNING)
     absl_logging.use_absl_handler()
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+    if is_main and is_local(workdir):
+        # train.log is a local convenience; a gs:// workdir keeps metrics.jsonl and
+        # TensorBoard (object stores cannot append a log line by line).
+        path = as_path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
     # Orbax and TFDS log every checkpoint / dataset step through absl at INFO: keep warnings.
@@ -54,28 +59,22 @@ def _setup_logging(workdir: str, is_main: bool) -> None:
 
 def main(argv):
     del argv
-    from deepvit_jax import parallel
-    from deepvit_jax.errors import ConfigError
+    from deepvit_jax.errors import cli_errors
 
-    try:
-        parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with cli_errors():
+        _train()
+
+
+def _train():
+    from deepvit_jax import parallel
+
+    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     import jax
 
     _setup_logging(_WORKDIR.value, jax.process_index() == 0)
     from deepvit_jax.train.loop import train_and_evaluate
-    from deepvit_jax.train.reporting import NonFiniteLossError
 
-    try:
-        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        print(f"error: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0 and metrics:
         print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 

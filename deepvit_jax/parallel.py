@@ -15,6 +15,9 @@ mesh (BatchNorm statistics, for instance, are always over the *global* batch).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 from typing import Any
@@ -27,6 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from deepvit_jax.errors import ConfigError
 from deepvit_jax.utils import path_str
 
+log = logging.getLogger(__name__)
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -37,7 +42,17 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def _on_slurm() -> bool:
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    """A SLURM job step with several tasks, launched by ``srun`` (which sets
+    ``SLURM_STEP_NUM_TASKS``). ``SLURM_NTASKS`` alone is also set inside an ``sbatch``
+    script, where a lone ``python`` would wait forever for tasks that never start."""
+    if "SLURM_PROCID" not in os.environ:
+        return False
+    step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if step_tasks <= 1 and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        log.warning("SLURM_NTASKS=%s but this process was not started by srun (no "
+                    "SLURM_STEP_NUM_TASKS): running as a single process; launch with srun "
+                    "for a multi-process run", os.environ["SLURM_NTASKS"])
+    return step_tasks > 1
 
 
 def _on_tpu_pod() -> bool:
@@ -45,17 +60,33 @@ def _on_tpu_pod() -> bool:
     return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
+INIT_TIMEOUT_S = 300
+
+
+def _initialize(**kwargs) -> None:
+    timeout = int(os.environ.get("DEEPVIT_INIT_TIMEOUT_S", INIT_TIMEOUT_S))
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+    except Exception as e:  # the coordinator never answered / a peer never joined
+        raise ConfigError(
+            f"multi-process start-up failed after up to {timeout} s ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): start every process (the same "
+            "command with its own --process_id, or srun with --ntasks), check "
+            "--coordinator_address is reachable; DEEPVIT_INIT_TIMEOUT_S sets the wait") from None
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                            process_id: int = -1, *, cpu_collectives: str = "gloo") -> bool:
     """Call ``jax.distributed.initialize`` where the run spans several processes.
 
     * explicit ``coordinator_address`` (``host:port``) + ``num_processes`` + ``process_id``;
-    * otherwise a SLURM job with several tasks or a multi-host TPU slice, whose environment
-      JAX reads by itself;
+    * otherwise a SLURM job step with several tasks (``srun``) or a multi-host TPU slice,
+      whose environment JAX reads by itself;
     * otherwise a single process: nothing to do.
 
     On CPU, cross-process collectives go through ``cpu_collectives`` (gloo). Must run before
-    anything touches the JAX backend. Returns True when the distributed runtime is up.
+    anything touches the JAX backend. Waits at most ``DEEPVIT_INIT_TIMEOUT_S`` (300 s) for
+    the other processes, then fails naming the fix. Returns True when the runtime is up.
     """
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -65,14 +96,49 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
         if num_processes == 1:
             return False
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+        _initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                    process_id=process_id)
         return True
     if _on_slurm() or _on_tpu_pod():
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-        jax.distributed.initialize()
+        _initialize()
         return True
     return False
+
+
+def _leaf_hash(value) -> int:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def check_processes(config_json: dict, ok: bool = True, problem: str = "") -> None:
+    """Every process runs the same config (and ``ok`` everywhere, e.g. process 0 holds the
+    workdir lock). One all-gather of a hash per config field at start-up; a difference
+    raises ConfigError on every process, naming the fields (different seeds would give
+    replicas that silently differ)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from deepvit_jax.train.checkpoints import _flatten
+
+    flat = _flatten(config_json)
+    keys = sorted(flat)
+    mine = np.array([int(ok)] + [_leaf_hash(flat[k]) for k in keys], np.int64)
+    # Different field sets would make the gathered shapes differ: gather the count first.
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(len(mine))))
+    if len(set(counts.tolist())) > 1:
+        raise ConfigError(f"the processes run configs with different fields (counts "
+                          f"{counts.tolist()}): run the same code and config everywhere")
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 1 + fields)
+    if not every[:, 0].all():
+        raise ConfigError(problem or "another process failed its start-up checks")
+    differ = [keys[i] for i in range(len(keys)) if len(set(every[:, 1 + i].tolist())) > 1]
+    if differ:
+        raise ConfigError(
+            f"the {jax.process_count()} processes run different configs: "
+            f"{', '.join('config.' + k for k in differ[:10])} differ (this is process "
+            f"{jax.process_index()}): give every process the same --config flags")
 
 
 # --------------------------------------------------------------------------------------

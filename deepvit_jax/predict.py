@@ -123,8 +123,38 @@ def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    from deepvit_jax.utils import as_path
+
+    with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
         np.save(f, array)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
+
+
+def check_output(output: str, inputs: Sequence[str], *, overwrite: bool) -> None:
+    """Refuse an ``--output`` that is an input, a directory, not ``.npy``, or (without
+    ``overwrite``) an existing file, before anything runs."""
+    from deepvit_jax.errors import InputError
+
+    real = os.path.realpath(output)
+    if any(real == os.path.realpath(i) for i in inputs):
+        raise InputError(f"--output {output} is one of the inputs: give a new file name")
+    if not output.endswith(".npy"):
+        raise InputError(f"--output {output}: the logits are written as a .npy file; give a "
+                         "name ending in .npy")
+    if os.path.isdir(output):
+        raise InputError(f"--output {output} is a directory: give a file name ending in .npy")
+    if os.path.lexists(output) and not overwrite:
+        raise FileExistsError(f"--output {output} already exists (add --overwrite to "
+                              "replace it)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", metavar="IMAGE",
                    help="image files (JPEG, PNG, GIF, BMP) and/or .npy batches")
     p.add_argument("--output", help="save the raw logits (N, num_classes) to this .npy file")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file")
+    p.add_argument("--top-k", type=_positive_int, default=5)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--class-names", help="text file with one class name per line "
                                          "(default: ImageNet names for 1000 classes)")
     args = p.parse_args(argv)
 
-    from deepvit_jax.checkpoint import ModelFileError, load_model
+    from deepvit_jax.checkpoint import load_model
+    from deepvit_jax.errors import run_cli
 
-    try:
+    def body():
+        if args.output:
+            check_output(args.output, args.inputs, overwrite=args.overwrite)
         model = load_model(args.checkpoint)
         cfg = model.config
         names = class_names(cfg.num_classes, args.class_names)
@@ -155,17 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         logits = predict_logits(model, images, batch_size=args.batch_size, progress=True)
         if args.output:
             _save_npy(args.output, logits)
-    except (ModelFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    idx, prob = top_k(logits, min(args.top_k, cfg.num_classes))
-    for label, ii, pp in zip(labels, idx, prob, strict=True):
-        print(f"{label}:")
-        for rank, (i, q) in enumerate(zip(ii, pp, strict=True), 1):
-            print(f"  {rank}. {q:6.2%}  {names[i]}  [{i}]")
-    if args.output:
-        print(f"logits {logits.shape} saved to {args.output}")
-    return 0
+        idx, prob = top_k(logits, min(args.top_k, cfg.num_classes))
+        for label, ii, pp in zip(labels, idx, prob, strict=True):
+            print(f"{label}:")
+            for rank, (i, q) in enumerate(zip(ii, pp, strict=True), 1):
+                print(f"  {rank}. {q:6.2%}  {names[i]}  [{i}]")
+        if args.output:
+            print(f"logits {logits.shape} saved to {args.output}")
+
+    return run_cli(body, input_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -85,56 +85,83 @@ def _err(msg: str) -> int:
     return 2
 
 
+def _check_outputs(args) -> None:
+    """Refuse, before any work, outputs that exist (without --overwrite) or that are not
+    replaceable: only a model directory may be replaced by --out, only a file by
+    --to-pytorch, and never the source."""
+    from deepvit_jax.checkpoint import check_replaceable
+    from deepvit_jax.errors import InputError
+
+    src = os.path.realpath(args.src)
+    for target in (args.out, args.to_pytorch):
+        if target and os.path.realpath(target) in (src, os.path.dirname(src)):
+            raise InputError(f"{target} is the source {args.src} (or its folder): write the "
+                             "output somewhere else")
+    if args.out:
+        check_replaceable(args.out, overwrite=args.overwrite)
+    if args.to_pytorch and os.path.lexists(args.to_pytorch):
+        if not args.overwrite:
+            raise FileExistsError(f"{args.to_pytorch} already exists (use --overwrite to "
+                                  "replace it)")
+        if os.path.isdir(args.to_pytorch):
+            raise InputError(f"--to-pytorch {args.to_pytorch} is a directory: give a file "
+                             "name (.pth or .safetensors)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from deepvit_jax.checkpoint import ModelFileError, load_model, save_model
-    from deepvit_jax.convert.pytorch import (ConversionError, from_pytorch, save_pytorch,
-                                             to_pytorch)
+    from deepvit_jax.errors import run_cli
 
     if not args.out and not args.to_pytorch:
         return _err("nothing to write: give --out DIR and/or --to-pytorch FILE")
-    for target in (args.out, args.to_pytorch):
-        if target and os.path.exists(target) and not args.overwrite:
-            return _err(f"{target} already exists (use --overwrite to replace it)")
+
+    def body():
+        _check_outputs(args)
+        _convert(args)
+
+    return run_cli(body, input_errors=(ValueError,))
+
+
+def _convert(args) -> None:
+    from deepvit_jax.checkpoint import load_model, save_model
+    from deepvit_jax.convert.pytorch import from_pytorch, save_pytorch, to_pytorch
+    from deepvit_jax.errors import InputError
+
     is_jax_dir = os.path.isdir(args.src)
     t0 = time.time()
 
     def step(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    try:
-        if is_jax_dir:
-            if args.out:
-                return _err(f"{args.src} is a deepvit-jax model directory: convert it with "
-                            "--to-pytorch FILE (--out is for PyTorch sources)")
-            step(f"loading {args.src}")
-            model = load_model(args.src)
-        else:
-            overrides = {k: v for k, v in (("num_classes", args.num_classes),
-                                           ("num_heads", args.num_heads),
-                                           ("reattn_blocks", args.reattn_blocks),
-                                           ("pool", args.pool)) if v is not None}
-            step(f"reading {args.src} ({os.path.getsize(args.src) / 2**20:.1f} MiB)"
-                 if os.path.isfile(args.src) else f"reading {args.src}")
-            model = from_pytorch(args.src, model=args.model, source=args.source,
-                                 ema=args.ema, image_size=args.image_size, **overrides)
-            cfg = model.config
-            step(f"converted to {cfg.name}: depth {cfg.depth}, dim {cfg.embed_dim}, "
-                 f"{cfg.num_heads} heads, image {cfg.image_size}, {cfg.num_classes} classes, "
-                 f"re-attention blocks {list(cfg.reattn_indices)}")
-        state_dict = to_pytorch(model, layout=args.layout) if args.to_pytorch else None
+    if is_jax_dir:
         if args.out:
-            step(f"writing {args.out}")
-            save_model(model, args.out, overwrite=args.overwrite)
-        if state_dict is not None:
-            step(f"writing {args.to_pytorch} ({len(state_dict)} tensors)")
-            save_pytorch(state_dict, args.to_pytorch)
-    except (ConversionError, ModelFileError, ValueError, FileExistsError, OSError) as e:
-        return _err(str(e))
+            raise InputError(f"{args.src} is a deepvit-jax model directory: convert it with "
+                             "--to-pytorch FILE (--out is for PyTorch sources)")
+        step(f"loading {args.src}")
+        model = load_model(args.src)
+    else:
+        overrides = {k: v for k, v in (("num_classes", args.num_classes),
+                                       ("num_heads", args.num_heads),
+                                       ("reattn_blocks", args.reattn_blocks),
+                                       ("pool", args.pool)) if v is not None}
+        step(f"reading {args.src} ({os.path.getsize(args.src) / 2**20:.1f} MiB)"
+             if os.path.isfile(args.src) else f"reading {args.src}")
+        model = from_pytorch(args.src, model=args.model, source=args.source,
+                             ema=args.ema, image_size=args.image_size, **overrides)
+        cfg = model.config
+        step(f"converted to {cfg.name}: depth {cfg.depth}, dim {cfg.embed_dim}, "
+             f"{cfg.num_heads} heads, image {cfg.image_size}, {cfg.num_classes} classes, "
+             f"re-attention blocks {list(cfg.reattn_indices)}")
+    state_dict = to_pytorch(model, layout=args.layout) if args.to_pytorch else None
+    if args.out:
+        step(f"writing {args.out}")
+        save_model(model, args.out, overwrite=args.overwrite)
+    if state_dict is not None:
+        step(f"writing {args.to_pytorch} ({len(state_dict)} tensors)")
+        save_pytorch(state_dict, args.to_pytorch)
     step("done")
-    return 0
 
 
 if __name__ == "__main__":

@@ -187,12 +187,22 @@ def _path(s: str) -> Path:
 # --------------------------------------------------------------------------------------
 
 
+MIN_TORCH = (2, 6)  # pyproject.toml's torch floor
+
+
 def _torch():
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is an optional dependency
         raise ConversionError("reading or writing PyTorch checkpoints needs PyTorch: install "
                               "the CPU build, e.g. `pip install torch safetensors`") from e
+    # torch.load(weights_only=True) can be bypassed before 2.6 (CVE-2025-32434), and
+    # torch.serialization.safe_globals is newer than 2.4: refuse older versions.
+    if tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH:
+        raise ConversionError(f"PyTorch {torch.__version__} is too old to read checkpoints "
+                              f"safely (weights_only=True is only safe from "
+                              f"{'.'.join(map(str, MIN_TORCH))}, CVE-2025-32434): upgrade, e.g. "
+                              "`pip install 'torch>=2.6'`")
     return torch
 
 

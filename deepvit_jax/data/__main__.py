@@ -17,6 +17,8 @@ import os
 import sys
 import tarfile
 
+from deepvit_jax.errors import InputError, run_cli
+
 IMAGENET_FILES = {
     "ILSVRC2012_img_train.tar": "train split: 1000 per-class tars (n01440764.tar, ...) of "
                                 "JPEGs, ~138 GiB",
@@ -26,8 +28,8 @@ IMAGENET_FILES = {
 IMAGENET_OPTIONAL = {"ILSVRC2012_img_test.tar": "optional test split (no labels)"}
 
 
-class PrepareError(Exception):
-    pass
+class PrepareError(InputError):
+    """The dataset cannot be prepared; the message names the file or flag and the fix."""
 
 
 def _imagenet_help(manual_dir: str) -> str:
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
         p.add_argument("--folder", default=None, help="for 'folder': ROOT/<split>/<class>/*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body():
         if args.command == "prepare":
             path = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
                            folder=args.folder)
@@ -135,10 +138,8 @@ def main(argv=None) -> int:
         info = dataset_info(cfg)
         print(f"{info.name}: {info.num_classes} classes, {info.train_split}={info.num_train}, "
               f"{info.eval_split}={info.num_eval} (data_dir {info.data_dir})")
-    except (PrepareError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body, input_errors=(ValueError,))
 
 
 if __name__ == "__main__":

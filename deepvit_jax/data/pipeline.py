@@ -344,11 +344,21 @@ class HostTrainStream:
         while True:
             if self._it is None:
                 self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
+                self._yielded = 0
             try:
                 batch = next(self._it)
             except StopIteration:
+                if not self._yielded:  # every example failed: the loop would spin forever
+                    from deepvit_jax.errors import InputError
+
+                    raise InputError(
+                        f"no batch of the train split {self.split!r} of {self.cfg.dataset!r} "
+                        f"could be read in epoch {self.epoch}: every image failed to decode "
+                        "(see the tf.data warnings above); check the files, or prepare the "
+                        "dataset again (python -m deepvit_jax.data prepare ...)") from None
                 self.epoch, self.position, self._it = self.epoch + 1, 0, None
                 continue
+            self._yielded += 1
             self.position += 1
             if self.position >= self.batches_per_epoch:
                 state = self.get_state()
@@ -497,6 +507,12 @@ class EvalIterable:
                 yield batch
             else:
                 yield _to_global(batch, self.sharding, self.global_batch_size)
+        if expected and not seen:
+            from deepvit_jax.errors import InputError
+
+            raise InputError(f"no image of the eval split {self.split!r} of "
+                             f"{self.cfg.dataset!r} could be decoded (see the tf.data "
+                             "warnings above); check the files or prepare the dataset again")
         if seen < expected:
             log.warning("eval split %r: %d of this process's %d images could not be decoded "
                         "and were skipped", self.split, expected - seen, expected)

@@ -7,6 +7,14 @@ Each checkpoint ``checkpoints/<step>/`` holds three items:
 * ``data``  - the training iterator's position (JSON, ``iterator.get_state()``);
 * ``meta``  - the run config and model config (JSON), for humans and tools.
 
+Before anything is restored, the saved config is compared with the current one
+(:func:`config_changes`): a resume may change only the fields in
+``train.config.RESUMABLE_FIELDS`` (run length, cadences, retention, input-pipeline knobs).
+A checkpoint that cannot be read is moved to ``WORKDIR/unreadable_checkpoints/<step>`` and
+the one before it is used (:meth:`Checkpointer.restore_latest`).
+
+:class:`WorkdirLock` keeps a second run off a workdir in use (``WORKDIR/lock``).
+
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when every
 item is complete, so a checkpoint cut short by ``kill -9`` is never listed (and its leftovers
 are removed on the next start). Retention: the last ``keep`` checkpoints plus the best one by
@@ -15,12 +23,19 @@ are removed on the next start). Retention: the last ``keep`` checkpoints plus th
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
+
+from deepvit_jax.errors import ConfigError, InputError, WorkdirLockedError
+from deepvit_jax.utils import as_path, is_local
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +43,7 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "eval/top1",
                  async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = as_path(directory)
         self.best_metric = best_metric
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=max(int(keep), 1)),
@@ -67,6 +82,59 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out["state"], out["data"], out["meta"]
 
+    def restore_meta(self, step: int) -> dict:
+        """The ``meta`` item (run config, model config, step) of ``step``."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def restore_latest(self, abstract_state, check_meta: Callable[[dict, int], None]
+                       ) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, meta) of the newest checkpoint that can be read, or None
+        when there is none. ``check_meta(meta, step)`` runs before the arrays are read (it
+        raises to refuse the resume, e.g. on a changed config). Checkpoints newer than the
+        one restored that cannot be read are moved to ``WORKDIR/unreadable_checkpoints/``
+        (kept for inspection); when none can be read nothing is moved and InputError says
+        why (a code or config mismatch must not discard a run)."""
+        failed: list[tuple[int, Exception]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # any unreadable file: try the one before
+                failed.append((step, e))
+                continue
+            check_meta(meta, step)
+            try:
+                state, data, meta = self.restore(step, abstract_state)
+            except Exception as e:  # any unreadable file: try the one before
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                self._set_aside(bad, e)
+            return step, state, data, meta
+        if failed:
+            step, e = failed[0]
+            raise InputError(f"no checkpoint in {self.directory} can be restored (steps "
+                             f"{[s for s, _ in failed]}); step {step}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}. Move the "
+                             "directory away to start afresh, or fix the files")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        dest = self.directory.parent / "unreadable_checkpoints" / str(step)
+        log.warning("checkpoint %s/%d cannot be read (%s: %s); moving it to %s and using the "
+                    "one before it", self.directory, step, type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "", dest)
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest.rmtree()
+            (self.directory / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -78,3 +146,140 @@ def abstract_like(tree, shardings):
     """ShapeDtypeStructs with shardings, the restore target for ``tree``."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+# --------------------------------------------------------------------------------------
+# Resume: the saved config against the current one
+# --------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(saved: dict, current: dict, allowed) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changes between two JSON configs, each ``'field: old -> new'``
+    with dotted field names; a field matches ``allowed`` exactly or by its section
+    (``'data.num_parallel_calls'``, or ``'mesh'`` for every mesh field)."""
+    a, b = _flatten(saved), _flatten(current)
+    refused, ok = [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if old == new:
+            continue
+        line = f"config.{key}: {old!r} -> {new!r}"
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1)):
+            ok.append(line)
+        else:
+            refused.append(line)
+    return refused, ok
+
+
+def check_resume_config(saved_meta: dict, current: dict, allowed, directory, step: int) -> None:
+    """Raise ConfigError listing every changed field outside ``allowed``."""
+    saved = saved_meta.get("config") if isinstance(saved_meta, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{directory}/{step}: the checkpoint has no saved config (meta item); "
+                          "it was not written by this trainer")
+    refused, ok = config_changes(saved, current, allowed)
+    for line in ok:
+        log.info("resume: %s (allowed)", line)
+    if refused:
+        raise ConfigError(
+            f"the run in {directory} (step {step}) was started with another config; resuming "
+            f"it would silently change: {'; '.join(refused)}. Use the saved values (see "
+            f"{directory}/{step}/meta) or a new --workdir. Changeable on resume: "
+            f"{', '.join(sorted(allowed))}")
+
+
+# --------------------------------------------------------------------------------------
+# The workdir lock
+# --------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class WorkdirLock:
+    """``WORKDIR/lock``: JSON ``{host, pid, started}`` of the run that owns the workdir.
+
+    Taken by process 0 before anything in the workdir is touched (Orbax's start-up cleanup
+    would otherwise delete another run's in-flight save) and removed at exit. A lock whose
+    process is gone (same host, no such pid) is stale and taken over with a warning. A lock
+    of a live process, or of another host (its liveness cannot be checked), refuses the run
+    (:class:`~deepvit_jax.errors.WorkdirLockedError`, exit status 3); the message names the
+    file to delete if that run is really gone. Locally the file is created with O_EXCL
+    (atomic); on an object store (``gs://``) it is written and read back, which closes the
+    race except for two starts within the same second.
+    """
+
+    def __init__(self, workdir):
+        self.path = as_path(workdir) / "lock"
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            if self._create(json.dumps(me)):
+                self.held = True
+                return
+            owner = self._owner()
+            if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
+                    and not _pid_alive(owner["pid"]):
+                log.warning("workdir lock %s: its run (pid %d on this host) is gone; taking "
+                            "it over", self.path, owner["pid"])
+                self.path.unlink(missing_ok=True)
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S",
+                                  time.localtime(owner.get("started", 0)))
+            raise WorkdirLockedError(
+                f"{self.path.parent} is in use by another run (pid {owner.get('pid', '?')} on "
+                f"host {owner.get('host', '?')}, since {since}): wait for it to finish, or use "
+                f"another --workdir; if that run is gone, delete {self.path}")
+        raise WorkdirLockedError(f"cannot take the workdir lock {self.path}; delete it if no "
+                                 "run uses this workdir")
+
+    def _create(self, text: str) -> bool:
+        if is_local(self.path):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        if self.path.exists():
+            return False
+        self.path.write_text(text)
+        return self.path.read_text() == text
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove the workdir lock %s: %s", self.path, e)

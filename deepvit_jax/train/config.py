@@ -67,7 +67,9 @@ def base_config(model_name: str = "deepvit_16b") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model_name = model_name
     c.model = model_section()
-    c.init_from = ""  # a model directory (deepvit_jax.checkpoint.save_model) to start from
+    # A model directory (deepvit_jax.checkpoint.save_model) to start from. A recipe that
+    # needs one sets it to a None placeholder: validate() then requires --config.init_from.
+    c.init_from = ""
     c.data = _placeholders(default_data_config())
     c.mix = default_mix_config()
 
@@ -157,8 +159,24 @@ def _get(config, dotted: str):
     return node
 
 
+# The fields a resumed run may change (a field, or a whole section); any other change is
+# refused on resume (train.checkpoints.check_resume_config): run length, cadences,
+# retention, input-pipeline speed knobs, the mesh (a checkpoint restores onto any mesh),
+# memory / kernel choices with the same arithmetic, and bookkeeping.
+RESUMABLE_FIELDS = frozenset({
+    "total_steps", "num_epochs", "cooldown_epochs", "log_every_steps", "expected_top1",
+    "init_from", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
+    "checkpoint.keep", "mesh", "model.remat", "model.attention_impl", "data.data_dir",
+    "data.num_parallel_calls", "data.prefetch_batches", "data.private_threadpool_size",
+})
+
+
 def validate(config) -> None:
     """Check every field that needs no dataset or device; raises ConfigError naming it."""
+    if config.init_from is None:
+        raise ConfigError(f"config.init_from is required by this recipe ({config.model_name}):"
+                          " pass --config.init_from=PATH, a model directory (a converted "
+                          "release or an exported run)")
     _positive_int(config, "batch_size", "log_every_steps", "eval.every_steps",
                   "checkpoint.every_steps", "checkpoint.keep", "optim.grad_accum_steps")
     _non_negative(config, "total_steps", "num_epochs", "warmup_epochs", "cooldown_epochs",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,14 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from deepvit_jax import parallel
-from deepvit_jax.errors import ConfigError
+from deepvit_jax.errors import ConfigError, InputError, one_line
 from deepvit_jax.models import ModelConfig, get_config
 from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import evaluation
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
-from deepvit_jax.train.checkpoints import Checkpointer, abstract_like
-from deepvit_jax.train.reporting import MetricWriter, NonFiniteLossError, Preemption, StepMeter
+from deepvit_jax.train.checkpoints import (Checkpointer, WorkdirLock, abstract_like,
+                                           check_resume_config)
+from deepvit_jax.train.reporting import (MetricWriter, NonFiniteLossError, Preempted, Preemption,
+                                         StepMeter, check_finite_state)
+from deepvit_jax.utils import as_path
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,13 @@ class Run:
     checkpointer: Checkpointer
     meta: dict
     preemption: Preemption | None = None
+    eval_pending: bool = False  # the restored step's evaluation was interrupted
 
-    def save(self, step: int, metrics: dict | None = None) -> None:
+    def save(self, step: int, metrics: dict | None = None, *, eval_pending: bool = False
+             ) -> None:
+        check_finite_state(step, self.state)  # never save weights that overflowed
         self.checkpointer.save(step, self.state, self.train_iter.get_state(),
-                               dict(self.meta, step=step), metrics)
+                               dict(self.meta, step=step, eval_pending=eval_pending), metrics)
 
 
 def setup(config, workdir: str) -> Run:
@@ -125,16 +130,27 @@ def setup(config, workdir: str) -> Run:
 
     data_sh = parallel.batch_sharding(mesh)
     spec = pipeline.ImageSpec.of(mcfg)
-    train_iter = pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
-                                              spec=spec, sharding=data_sh, seed=config.seed,
-                                              dataset=dataset)
+    try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
+        train_iter = pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
+                                                  spec=spec, sharding=data_sh,
+                                                  seed=config.seed, dataset=dataset)
+    except ValueError as e:
+        raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
+                          else f"config.data: {one_line(e)}") from None
     best = "eval/ema_top1" if config.ema_decay > 0 else "eval/top1"
-    ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                        keep=config.checkpoint.keep, best_metric=best)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, abstract_like(abstract_state, state_sh))
+    meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=config.checkpoint.keep,
+                        best_metric=best)
+    restored = ckpt.restore_latest(
+        abstract_like(abstract_state, state_sh),
+        lambda saved, step: check_resume_config(saved, meta["config"],
+                                                config_lib.RESUMABLE_FIELDS, ckpt.directory,
+                                                step))
+    latest, eval_pending = None, False
+    if restored is not None:
+        latest, state, data_state, saved_meta = restored
         train_iter.set_state(data_state)
+        eval_pending = bool(saved_meta.get("eval_pending"))
         log.info("resumed from %s/%d", ckpt.directory, latest)
     elif config.init_from:
         state = _init_from(config, state, tx, state_sh)
@@ -153,16 +169,21 @@ def setup(config, workdir: str) -> Run:
     evaluator = evaluation.make_evaluator(
         config, model_def=model_def, dataset=dataset, mesh=mesh, eval_batch_size=eval_bs,
         recal_batch_size=recal_bs, state_shardings=state_sh, rest=rest, rest_shardings=rest_sh)
-    meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
     return Run(config, workdir, mcfg, length, state, rest, int(jax.device_get(state.step)),
-               latest is not None, train_step, train_iter, evaluator, ckpt, meta)
+               latest is not None, train_step, train_iter, evaluator, ckpt, meta,
+               eval_pending=eval_pending)
 
 
 def _init_from(config, state, tx, state_sh):
     """``state`` with the weights of the model directory ``config.init_from``."""
-    params, stats = state_lib.load_pretrained(jax.device_get(state.params),
-                                              jax.device_get(state.batch_stats),
-                                              config.init_from)
+    try:
+        params, stats = state_lib.load_pretrained(jax.device_get(state.params),
+                                                  jax.device_get(state.batch_stats),
+                                                  config.init_from)
+    except InputError as e:  # a missing / wrong directory: name the field
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.init_from={config.init_from!r}: {one_line(e)}") from None
     params = jax.device_put(params, state_sh.params)
     stats = jax.device_put(stats, state_sh.batch_stats)
     ema = config.ema_decay > 0
@@ -177,16 +198,87 @@ def _init_from(config, state, tx, state_sh):
 def train_and_evaluate(config, workdir: str, *,
                        on_step: Callable[[int, Run], None] | None = None) -> dict[str, float]:
     """Train (resuming if ``workdir`` holds a checkpoint); returns the last eval metrics.
-    ``on_step(step, run)`` is called after each step's periodic actions (tests use it)."""
+    ``on_step(step, run)`` is called after each step's periodic actions (tests use it).
+
+    Process 0 holds ``WORKDIR/lock`` for the whole run; every process checks at start-up
+    that all run the same config. SIGTERM / SIGINT stop the run at the next check (before
+    a step, before an evaluation, between evaluation batches) with a checkpoint."""
+    config_lib.validate(config)
+    lock = WorkdirLock(workdir)
+    lock_error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except Exception as e:  # WorkdirLockedError, or the storage refused the lock file
+            lock_error = e
+    try:
+        try:
+            parallel.check_processes(json.loads(config.to_json_best_effort()),
+                                     ok=lock_error is None,
+                                     problem="process 0 could not take the workdir lock")
+        except ConfigError:
+            if lock_error is None:
+                raise
+        if lock_error is not None:
+            raise lock_error
+        preemption = Preemption()
+        try:
+            return _train(config, workdir, preemption, on_step)
+        finally:
+            preemption.close()
+    finally:
+        lock.release()
+
+
+def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]:
     run = setup(config, workdir)
+    run.preemption = preemption
     total, c = run.length.total_steps, config
+    if run.start_step > total:
+        raise ConfigError(
+            f"config.total_steps={total} is below the step {run.start_step} of the checkpoint "
+            f"in {run.checkpointer.directory}: raise --config.total_steps (or num_epochs) to "
+            "train longer, or use another --workdir")
     writer = MetricWriter(workdir, resume_step=run.start_step if run.resumed else None)
     meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
-    run.preemption = Preemption()
     bar = _progress_bar(total, run.start_step)
+    run.evaluator.eval_batches = preemption.interruptible(run.evaluator.eval_batches)
+    if run.evaluator.recal_iterator is not None:
+        run.evaluator.recal_iterator = preemption.interruptible(run.evaluator.recal_iterator)
     last_eval: dict[str, float] = {}
+
+    def stop(step: int, *, eval_pending: bool = False) -> None:
+        meter.check()
+        run.save(step, eval_pending=eval_pending)
+        run.checkpointer.wait()
+        _say(bar, f"{preemption.signal_name or 'preempted'}: saved step {step} to "
+                  f"{run.checkpointer.directory}; exiting (run the same command to resume)")
+
+    def evaluate(step: int) -> bool:
+        """Evaluate and record ``step``; False when a signal interrupted it (then saved)."""
+        nonlocal last_eval
+        try:
+            last_eval = run.evaluator.state(run.state)
+        except Preempted:
+            stop(step, eval_pending=True)
+            return False
+        writer.write(step, last_eval)
+        _say(bar, _eval_line(step, last_eval))
+        meter.pause()
+        return True
+
     try:
+        if run.eval_pending:  # the restored step's evaluation was interrupted: do it now
+            if not evaluate(run.start_step):
+                return last_eval
+        elif run.start_step == total:
+            _say(bar, f"nothing to do: the checkpoint in {run.checkpointer.directory} is at "
+                      f"step {total} = config.total_steps; raise --config.total_steps (or "
+                      "num_epochs) to train longer")
         for step in range(run.start_step + 1, total + 1):
+            if step > run.start_step + 1 and preemption.reached():
+                stop(step - 1)
+                break
             t = time.perf_counter()
             batch = next(run.train_iter)
             wait = time.perf_counter() - t
@@ -201,29 +293,26 @@ def train_and_evaluate(config, workdir: str, *,
                                 img_s=f"{row['img_per_sec']:.0f}", refresh=False)
             evaluated = step % c.eval.every_steps == 0 or last
             if evaluated:
-                last_eval = run.evaluator.state(run.state)
-                writer.write(step, last_eval)
-                _say(bar, _eval_line(step, last_eval))
-                meter.pause()
+                meter.check()
+                if preemption.reached():  # do not start an evaluation that cannot finish
+                    stop(step, eval_pending=True)
+                    break
+                if not evaluate(step):
+                    break
             if step % c.checkpoint.every_steps == 0 or evaluated:
                 meter.check()
                 run.save(step, last_eval if evaluated else None)
             if on_step is not None:
                 on_step(step, run)
-            if not last and run.preemption.reached():
-                meter.check()
-                run.save(step)
-                run.checkpointer.wait()
-                _say(bar, f"SIGTERM: saved step {step} to {run.checkpointer.directory}; exiting")
-                break
         run.checkpointer.wait()
     except NonFiniteLossError as e:
         run.checkpointer.wait()
         raise NonFiniteLossError(f"{e}: stopping. The last good checkpoint is step "
                                  f"{run.checkpointer.latest_step()} in "
-                                 f"{run.checkpointer.directory}") from None
+                                 f"{run.checkpointer.directory}; resuming replays the same "
+                                 "steps: lower config.optim.learning_rate or set "
+                                 "config.optim.grad_clip_norm") from None
     finally:
-        run.preemption.close()
         bar.close()
         writer.close()
         run.checkpointer.close()

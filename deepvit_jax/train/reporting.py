@@ -5,7 +5,12 @@ TensorBoard goes through ``clu.metric_writers`` (the writer of the Flax examples
 it writes TensorFlow event files with ``tf.summary`` (the ``tensorboard`` package provides
 the scalar summaries), to a local directory or ``gs://``, and logs every row too.
 ``metrics.jsonl`` is our own: one JSON object per log / eval row, cut back to the restored
-step on resume, so it always describes one uninterrupted run.
+step on resume, so it always describes one uninterrupted run (a last line cut short by a
+kill is dropped). On resume the TensorBoard events are rewritten from the kept rows, so
+the steps replayed after the restored checkpoint are not shown twice.
+
+Preemption: SIGTERM and SIGINT set a flag that the loop checks before each step, before an
+evaluation and between evaluation batches; a second signal aborts at once (exit 130).
 """
 
 from __future__ import annotations
@@ -18,44 +23,94 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from deepvit_jax.errors import Aborted, TrainingStopped
+from deepvit_jax.utils import as_path, atomic_output
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the message names the step."""
+class NonFiniteLossError(TrainingStopped, RuntimeError):
+    """The loss (or gradient norm, or the parameters) became NaN/inf; the message names the
+    step."""
+
+
+class Preempted(Exception):
+    """Raised inside an evaluation interrupted by SIGTERM / SIGINT (the loop saves and stops)."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def check_finite_state(step: int, state) -> None:
+    """Raise NonFiniteLossError unless the parameters and optimizer state after ``step``
+    are finite: a checkpoint is never written with weights that a finite loss of the same
+    step cannot vouch for (e.g. an update that overflowed)."""
+    trees = (state.params, state.opt_state, state.ema_params)
+    if not bool(jax.device_get(_all_finite(trees))):
+        raise NonFiniteLossError(f"non-finite parameters after step {step} (the update "
+                                 "overflowed)")
 
 
 class MetricWriter:
-    """``DIR/metrics.jsonl`` + TensorBoard events in ``DIR/tensorboard`` (process 0 only)."""
+    """``DIR/metrics.jsonl`` + TensorBoard events in ``DIR/tensorboard`` (process 0 only),
+    through the run's filesystem layer (``utils.as_path``: local or ``gs://``)."""
 
-    def __init__(self, workdir: str, *, resume_step: int | None):
+    def __init__(self, workdir, *, resume_step: int | None):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        workdir = as_path(workdir)
+        self.path = workdir / "metrics.jsonl"
         self.tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        kept: list[dict] = []
+        if self.path.exists():
             # Keep the history up to the restored step; later lines belong to lost work.
             keep_to = resume_step if resume_step is not None else -1
-            with open(self.path) as f:
-                rows = [ln for ln in f if ln.strip()]
-            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= keep_to]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            kept = [r for r in self._rows() if r.get("step", 0) <= keep_to]
+            with atomic_output(self.path) as tmp, as_path(tmp).open("w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
         from clu import metric_writers
 
-        self.tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        tb_dir = workdir / "tensorboard"
+        if resume_step is not None and tb_dir.exists():
+            # TensorBoard would show the replayed steps twice: rewrite it from the kept rows.
+            tb_dir.rmtree()
+        self.tb = metric_writers.SummaryWriter(os.fspath(tb_dir))
+        for r in kept:
+            self.tb.write_scalars(int(r["step"]), {k: v for k, v in r.items() if k != "step"})
+        self.tb.flush()
+
+    def _rows(self) -> list[dict]:
+        rows = []
+        lines = self.path.read_text().splitlines()
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                # A kill or a full disk during an append cuts the last line short.
+                log.warning("%s line %d of %d is not a complete JSON row (%r...): dropped",
+                            self.path, i, len(lines), line[:40])
+                continue
+            rows.append(row)
+        return rows
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.tb.write_scalars(int(step), metrics)
         self.tb.flush()
@@ -133,24 +188,67 @@ class StepMeter:
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step. With
-    several processes the flag is OR-ed across them so that all stop at the same step."""
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the next check
+    (before each step, before an evaluation, between evaluation batches). A second signal
+    raises :class:`~deepvit_jax.errors.Aborted` at once. With several processes the flag is
+    OR-ed across them so that all stop at the same point."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
-        self._old = signal.signal(signal.SIGTERM, self._handler)
+        self.signal_name = ""
+        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.flag = True
+        name = signal.Signals(signum).name
+        if self.flag:
+            raise Aborted(f"{name} received again while stopping after {self.signal_name}: "
+                          "aborted; the run resumes from its last complete checkpoint")
+        log.warning("%s received: saving a checkpoint and stopping (send it again to abort "
+                    "without saving)", name)
+        self.flag, self.signal_name = True, name
 
     def reached(self) -> bool:
         if jax.process_count() == 1:
             return self.flag
         from jax.experimental import multihost_utils
 
-        # One tiny all-gather per step keeps every process on the same stopping step.
+        # One tiny all-gather per check keeps every process on the same stopping point.
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
 
+    def interruptible(self, batches):
+        """``batches`` (an iterable, or an iterator with get_state/set_state) that raises
+        :class:`Preempted` before each batch once a signal arrived."""
+        return _Interruptible(batches, self)
+
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class _Interruptible:
+    def __init__(self, inner, preemption: Preemption):
+        self.inner, self.preemption = inner, preemption
+
+    def __iter__(self):
+        if hasattr(self.inner, "__next__"):
+            return self
+        return self._gen()
+
+    def _gen(self):
+        for batch in self.inner:
+            if self.preemption.reached():
+                raise Preempted
+            yield batch
+
+    def __next__(self):
+        if self.preemption.reached():
+            raise Preempted
+        return next(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getattr__(self, name):  # get_state / set_state / ...
+        return getattr(self.inner, name)

@@ -9,13 +9,18 @@ with PIL: JPEG/PNG files that are RGB are stored as they are; anything else (CMY
 JPEGs, a PNG saved as .JPEG, BMP, WebP, ...) is re-encoded as an RGB JPEG (quality 95); files
 PIL cannot decode are skipped and counted (listed in the log).  Unlike ImageFolder, which
 decodes files lazily at training time, a corrupt file then never reaches a training run.
-The prepared copy lives under ``DATA_DIR/image_folder/<name>/1.0.0`` and is read with
-``tfds.builder_from_directory``.
+The prepared copy lives under ``DATA_DIR/image_folder/<name>_<hash>/1.0.0`` (``hash``: of
+the folder's absolute path, so ``~/a/pets`` and ``~/b/pets`` never share one) and is read
+with ``tfds.builder_from_directory``. ``source.json`` beside it records the folder's
+fingerprint (every image's path, size and modification time): a changed folder is prepared
+again by ``prepare`` and refused by training until it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -29,9 +34,32 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 VERSION = "1.0.0"
 
 
+SOURCE_FILE = "source.json"
+
+
 def folder_name(root) -> str:
-    name = re.sub(r"[^a-z0-9_]+", "_", Path(root).resolve().name.lower()).strip("_")
-    return name or "folder"
+    """``<base name>_<8 hex digits of the absolute path>``: one prepared copy per folder."""
+    path = Path(root).expanduser().resolve()
+    name = re.sub(r"[^a-z0-9_]+", "_", path.name.lower()).strip("_") or "folder"
+    return f"{name}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def fingerprint(root) -> str:
+    """A hash of every image file's relative path, size and modification time."""
+    root = Path(root).expanduser().resolve()
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _recorded(path: Path) -> str | None:
+    try:
+        return json.loads((path / SOURCE_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def prepared_dir(root, data_dir) -> Path:
@@ -127,9 +155,20 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare_folder(root, data_dir) -> tuple[Path, dict[str, int]]:
+    """Prepare ``root`` (again when its files changed since the last prepare)."""
+    import shutil
+
+    path = prepared_dir(root, data_dir)
+    now = fingerprint(root)
+    if path.exists() and _recorded(path) != now:
+        log.info("%s changed since it was prepared: preparing it again", root)
+        shutil.rmtree(path)
     builder = ImageFolderBuilder(root=root, data_dir=str(data_dir))
     builder.download_and_prepare()
-    return Path(builder.data_dir), builder.skipped
+    path = Path(builder.data_dir)
+    (path / SOURCE_FILE).write_text(json.dumps(
+        {"root": str(Path(root).expanduser().resolve()), "fingerprint": now}))
+    return path, builder.skipped
 
 
 def folder_builder(root, data_dir):
@@ -137,10 +176,15 @@ def folder_builder(root, data_dir):
     if not root:
         raise ValueError("data.dataset='folder' needs data.folder_path (ROOT/<split>/<class>/*)")
     path = prepared_dir(root, data_dir)
-    if not (path / "dataset_info.json").exists():
-        from deepvit_jax.data.pipeline import DatasetNotPreparedError
+    from deepvit_jax.data.pipeline import DatasetNotPreparedError
 
+    run = f"python -m deepvit_jax.data prepare folder --folder {root} --data-dir {data_dir}"
+    if not (path / "dataset_info.json").exists():
         raise DatasetNotPreparedError(
             f"the image folder {str(root)!r} is not prepared under {str(data_dir)!r}. Run:\n"
-            f"  python -m deepvit_jax.data prepare folder --folder {root} --data-dir {data_dir}")
+            f"  {run}")
+    if _recorded(path) != fingerprint(root):
+        raise DatasetNotPreparedError(
+            f"the image folder {str(root)!r} changed since it was prepared into {path} "
+            f"(files added, removed or modified). Prepare it again:\n  {run}")
     return tfds.builder_from_directory(str(path))
