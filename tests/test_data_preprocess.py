@@ -78,3 +78,25 @@ def test_resize_matches_tf_scale_and_translate(interpolation):
     d = np.abs(resize_uint8(crop, (224, 224), interpolation).numpy().astype(int)
                - np.clip(np.round(ref.numpy()), 0, 255))
     assert d.max() <= 1 and (d > 0).mean() < 0.003
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+@pytest.mark.parametrize("size,crop_pct", [(224, 0.9), (64, 0.875), (96, 1.0)])
+def test_eval_crop_window_is_resize_then_crop(name, size, crop_pct):
+    """Eval resizes only the centre crop's pixels: exactly today's resize-then-crop with the
+    same kernel (and within one grey level of tf.image.resize, the pre-issue-13 transform)."""
+    import tensorflow as tf
+
+    from deepvit_jax.data.preprocess import center_crop, resize_shorter_side
+
+    img = getattr(skimage.data, name)()
+    s = int(size / crop_pct)
+    direct = eval_resize_crop(img, image_size=size, crop_pct=crop_pct).numpy()
+    two_step = center_crop(resize_shorter_side(tf.constant(img), s), size).numpy()
+    np.testing.assert_array_equal(direct, two_step)
+    h, w = img.shape[:2]
+    nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    old = tf.image.resize(tf.cast(img, tf.float32), (nh, nw), "bicubic", antialias=True)
+    old = center_crop(tf.cast(tf.clip_by_value(tf.round(old), 0, 255), tf.uint8), size).numpy()
+    d = np.abs(direct.astype(int) - old)
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3

@@ -69,21 +69,24 @@ _KERNELS = {"bicubic": (_keys_cubic, 2.0), "bilinear": (_triangle, 1.0)}
 _BLOCK = 16     # output rows per matrix block: small blocks waste few zero weights
 
 
-def _resize_axis(x, out_size, kernel, radius: float):
+def _resize_axis(x, out_size, kernel, radius: float, first=0, count=None):
     """Resample axis 0 of float ``x`` (n, ...) to ``out_size`` with ScaleAndTranslate's weights
     (``tensorflow/core/kernels/image/scale_and_translate_op.cc``: sample at (j + 0.5) / scale,
     kernel scaled by max(1 / scale, 1), weights normalised to sum 1).  Output rows are taken
     in blocks of ``_BLOCK``; each block is one (B x L) @ (L x rest) product over the L input
-    rows it reaches."""
+    rows it reaches.  ``first`` / ``count``: compute only output rows [first, first + count)
+    of the ``out_size`` ones (a crop of the resized image, at the cost of the crop)."""
     n = tf.shape(x)[0]
-    m = tf.convert_to_tensor(out_size, tf.int32)
-    scale = tf.cast(m, tf.float32) / tf.cast(n, tf.float32)
+    full = tf.convert_to_tensor(out_size, tf.int32)
+    m = full if count is None else tf.convert_to_tensor(count, tf.int32)
+    scale = tf.cast(full, tf.float32) / tf.cast(n, tf.float32)
     inv = 1.0 / scale
     ks = tf.maximum(inv, 1.0)
     nb = (m + _BLOCK - 1) // _BLOCK
     length = tf.minimum(
         tf.cast(tf.math.ceil((_BLOCK - 1) * inv + 2.0 * radius * ks), tf.int32) + 2, n)
-    sample = (tf.cast(tf.range(nb * _BLOCK), tf.float32) + 0.5) * inv
+    j = tf.range(nb * _BLOCK) + tf.convert_to_tensor(first, tf.int32)
+    sample = (tf.cast(j, tf.float32) + 0.5) * inv
     start = tf.cast(tf.math.ceil(sample[::_BLOCK] - radius * ks - 0.5), tf.int32)
     start = tf.clip_by_value(start, 0, n - length)                               # (nb,)
     pos = start[:, None] + tf.range(length)[None, :]                             # (nb, L)
@@ -96,24 +99,31 @@ def _resize_axis(x, out_size, kernel, radius: float):
     return out[:m]
 
 
-def resize_uint8(image: tf.Tensor, size: Sequence, interpolation: str = "bicubic") -> tf.Tensor:
+def resize_uint8(image: tf.Tensor, size: Sequence, interpolation: str = "bicubic",
+                 window=None) -> tf.Tensor:
     """PIL-like resize of an image to ``size`` = (h, w); returns uint8 (rounded, clipped).
-    Bilinear / bicubic are anti-aliased (support scaled when downsampling) as PIL's."""
+    Bilinear / bicubic are anti-aliased (support scaled when downsampling) as PIL's.
+    ``window`` = (top, left, height, width): return only that crop of the resized image
+    (computed directly, same pixels as resizing then cropping)."""
     method = _method(interpolation)
     if interpolation in _KERNELS:
         kernel, radius = _KERNELS[interpolation]
+        top, left, h, w = window if window is not None else (0, 0, None, None)
         x = tf.cast(image, tf.float32)
-        x = _resize_axis(x, size[0], kernel, radius)                             # (h, W, 3)
-        x = _resize_axis(tf.transpose(x, [1, 0, 2]), size[1], kernel, radius)    # (w, h, 3)
-        out = tf.transpose(x, [1, 0, 2])
+        x = _resize_axis(x, size[0], kernel, radius, top, h)                     # (h, W, 3)
+        x = _resize_axis(tf.transpose(x, [1, 0, 2]), size[1], kernel, radius, left, w)
+        out = tf.transpose(x, [1, 0, 2])                                         # (h, w, 3)
     else:
         out = tf.image.resize(tf.cast(image, tf.float32), size, method=method,
                               antialias=interpolation == "lanczos")
+        if window is not None:
+            out = tf.image.crop_to_bounding_box(out, *window)
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
-def resize_shorter_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:
-    """torchvision ``Resize(size)``: shorter side -> size, longer -> int(size * long / short)."""
+def shorter_side_size(image: tf.Tensor, size: int):
+    """torchvision ``Resize(size)``'s output (h, w): shorter side -> size, longer ->
+    int(size * long / short)."""
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short = tf.minimum(h, w)
@@ -122,15 +132,27 @@ def resize_shorter_side(image: tf.Tensor, size: int, interpolation: str = "bicub
                                      / tf.cast(short, tf.float64)), tf.int32)
     new_h = tf.where(h <= w, size, new_long)
     new_w = tf.where(h <= w, new_long, size)
-    return resize_uint8(image, tf.stack([new_h, new_w]), interpolation)
+    return new_h, new_w
+
+
+def resize_shorter_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:
+    """torchvision ``Resize(size)``: shorter side -> size, longer -> int(size * long / short)."""
+    return resize_uint8(image, tf.stack(shorter_side_size(image, size)), interpolation)
+
+
+def _center_offsets(h, w, size: int):
+    """torchvision ``CenterCrop`` offsets: int(round((H - size) / 2)) (round half to even, as
+    Python's round; tf.round rounds half to even too)."""
+    top = tf.cast(tf.round(tf.cast(h - size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(w - size, tf.float64) / 2.0), tf.int32)
+    return top, left
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     """torchvision ``CenterCrop``: offsets int(round((H - size) / 2)) (round half to even, as
     Python's round; tf.round rounds half to even too)."""
     shape = tf.shape(image)
-    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
+    top, left = _center_offsets(shape[0], shape[1], size)
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
@@ -147,8 +169,14 @@ def eval_resize_crop(image: tf.Tensor, *, image_size: int, crop_pct: float,
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     scale_size = int(image_size / crop_pct)
     image = to_rgb(tf.convert_to_tensor(image))
-    image = resize_shorter_side(image, scale_size, interpolation)
-    image = center_crop(image, image_size)
+    new_h, new_w = shorter_side_size(image, scale_size)
+    if interpolation in _KERNELS:      # resize only the centre crop's pixels (same values)
+        top, left = _center_offsets(new_h, new_w, image_size)
+        image = resize_uint8(image, (new_h, new_w), interpolation,
+                             window=(top, left, image_size, image_size))
+    else:
+        image = center_crop(resize_uint8(image, tf.stack([new_h, new_w]), interpolation),
+                            image_size)
     image.set_shape([image_size, image_size, 3])
     return image
 
