@@ -65,12 +65,18 @@ class Evaluator:
         if self.num_recal:
             self._recal_start = self.recal_iterator.get_state()
 
+    def batch_stats_for(self, params, batch_stats):
+        """The BatchNorm statistics this evaluator uses for ``params``: re-estimated on the
+        fixed batches, or ``batch_stats`` as they are when re-estimation is off."""
+        if not self.num_recal:
+            return batch_stats
+        self.recal_iterator.set_state(self._recal_start)
+        images = (next(self.recal_iterator)["image"] for _ in range(self.num_recal))
+        return recalibrate_batch_stats(self.bn_stats_step, params, batch_stats, self.rest,
+                                       images)
+
     def __call__(self, params, batch_stats) -> dict[str, float]:
-        if self.num_recal:
-            self.recal_iterator.set_state(self._recal_start)
-            images = (next(self.recal_iterator)["image"] for _ in range(self.num_recal))
-            batch_stats = recalibrate_batch_stats(self.bn_stats_step, params, batch_stats,
-                                                  self.rest, images)
+        batch_stats = self.batch_stats_for(params, batch_stats)
         return evaluate(self.eval_step, params, batch_stats, self.rest, self.eval_batches)
 
     def state(self, state) -> dict[str, float]:

@@ -1,0 +1,48 @@
+"""Attention collapse, measured: the paper's cross-layer similarity (Eq. 2), inter-head
+similarity, similar-block counts and attention maps over the image.
+
+  python -m deepvit_jax.analysis runs/collapse_vit runs/collapse_deepvit --out analysis/
+
+Python API (``from deepvit_jax import analysis``):
+
+* maps: :func:`collect_maps(model, images) <collect_maps>` -> list of (B, H, N, N) NumPy
+  arrays, one per block (``model(images, return_attention=True)`` batch by batch);
+  :func:`load_images(...) <load_images>` -> the first N preprocessed images of a split.
+* measures, on such a list (or a stacked (D, B, H, N, N) array; JAX, jit-able):
+  :func:`cross_layer_similarity` (D x D, Eq. 2 averaged over images, heads and tokens),
+  :func:`adjacent_similarity` (M^{p,p+1}), :func:`inter_head_similarity` (D x H x H);
+  on a D x D matrix: :func:`similarity_to_next(M, k) <similarity_to_next>` and
+  :func:`similar_blocks(M, threshold, k) <similar_blocks>`.
+* over many images without keeping the maps: :func:`analyse(model, images, k=...,
+  threshold=...) <analyse>` -> JSON-ready dict; for a checkpoint path (model directory,
+  training workdir or checkpoint, as ``deepvit_jax.evaluate`` reads them):
+  :func:`analyse_checkpoint`.
+* figures (matplotlib, PNG): :func:`plot_similarity` (several checkpoints on one figure),
+  :func:`plot_attention` (class-token attention of chosen blocks over the image, head-averaged
+  and per head).
+* during training: :func:`make_probe` (``config.collapse_every_steps``; see
+  ``deepvit_jax.analysis.monitor``).
+"""
+
+from deepvit_jax.analysis.collect import analyse, collect_maps, summarise
+from deepvit_jax.analysis.monitor import make_probe, probe_metrics
+from deepvit_jax.analysis.plots import plot_attention, plot_similarity
+from deepvit_jax.analysis.similarity import (
+    DEFAULT_THRESHOLD,
+    adjacent_similarity,
+    cls_attention,
+    cross_layer_similarity,
+    inter_head_similarity,
+    mean_off_diagonal,
+    similar_blocks,
+    similarity_to_next,
+    unit_columns,
+)
+from deepvit_jax.analysis.checkpoints import analyse_checkpoint, load_images
+
+__all__ = [
+    "DEFAULT_THRESHOLD", "adjacent_similarity", "analyse", "analyse_checkpoint",
+    "cls_attention", "collect_maps", "cross_layer_similarity", "inter_head_similarity",
+    "load_images", "make_probe", "mean_off_diagonal", "plot_attention", "plot_similarity",
+    "probe_metrics", "similar_blocks", "similarity_to_next", "summarise", "unit_columns",
+]

@@ -1,0 +1,141 @@
+"""Attention-collapse analysis of one or more checkpoints (the paper's Eq. 2).
+
+  python -m deepvit_jax.analysis runs/collapse_vit runs/collapse_deepvit --out analysis/
+  python -m deepvit_jax.analysis runs/collapse_vit --steps 110,330,550 --out analysis/vit
+  python -m deepvit_jax.analysis models/deepvit_s --dataset imagenet2012 --num-images 64 \\
+      --blocks 0,7,15 --out analysis/deepvit_s
+
+Each PATH is a model directory, a training workdir (its latest checkpoint, or each of
+``--steps``) or one training checkpoint. Over the first ``--num-images`` images of the split
+(the run's eval split by default) it writes to ``--out``:
+
+* ``similarity.json``: per checkpoint, the depth x depth cross-layer similarity, each
+  block's mean similarity to its next ``--k`` blocks, the number of blocks at or above
+  ``--threshold`` ("similar blocks"), the inter-head similarity per block;
+* ``similarity.png``: every checkpoint on one figure;
+* ``attention-<label>.png``: the class token's attention of ``--blocks`` over image
+  ``--image`` (head-averaged and per head).
+
+Exit status: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from deepvit_jax.analysis import similarity as sim
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") \
+            from None
+
+
+def _label(path: str, step: int | None, kind: str) -> str:
+    path = os.path.abspath(path).rstrip(os.sep)
+    if kind == "training":
+        parts = path.split(os.sep)
+        if parts[-1].isdigit() and len(parts) > 2 and parts[-2] == "checkpoints":
+            path = os.sep.join(parts[:-2])
+        return f"{os.path.basename(path)}@{step}"
+    return os.path.basename(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m deepvit_jax.analysis",
+        description="Cross-layer and inter-head attention similarity (DeepViT Eq. 2) and "
+                    "attention maps of checkpoints.", epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="model directories, training workdirs or checkpoints")
+    p.add_argument("--out", required=True, help="output directory (JSON + PNG)")
+    p.add_argument("--steps", type=_ints, help="checkpoint steps of each workdir, e.g. "
+                                               "110,330,550 (default: the latest)")
+    p.add_argument("--labels", help="comma-separated names for the PATHs in the figures")
+    p.add_argument("--ema", action="store_true", help="the EMA weights of training runs")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--dataset", help="dataset (default: the run's; required for model "
+                                     "directories)")
+    p.add_argument("--split")
+    p.add_argument("--data-dir")
+    p.add_argument("--k", type=int, default=1, help="similarity to the next K blocks")
+    p.add_argument("--threshold", type=float, default=sim.DEFAULT_THRESHOLD,
+                   help="similar-block threshold")
+    p.add_argument("--blocks", type=_ints, help="blocks whose maps to draw (default: first, "
+                                                "middle, last)")
+    p.add_argument("--image", type=int, default=0, help="which image to draw the maps over")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import numpy as np
+
+    from deepvit_jax import evaluate
+    from deepvit_jax.analysis import collect_maps, plot_attention, plot_similarity
+    from deepvit_jax.analysis.checkpoints import analyse_checkpoint
+    from deepvit_jax.errors import ConfigError
+
+    labels = args.labels.split(",") if args.labels else None
+    try:
+        if args.k < 1:
+            raise ConfigError(f"--k {args.k}: must be >= 1")
+        if labels and len(labels) != len(args.paths):
+            raise ConfigError(f"--labels has {len(labels)} names for {len(args.paths)} paths")
+        if not 0 <= args.image < args.num_images:
+            raise ConfigError(f"--image {args.image}: must be below --num-images "
+                              f"{args.num_images}")
+        out = evaluate.check_output(args.out, args.paths)
+        jobs = []  # (label, source)
+        for i, path in enumerate(args.paths):
+            steps = args.steps or [None]
+            for step in steps:
+                src = evaluate.resolve(path, step)
+                name = _label(path, src.step, src.kind)
+                if labels:
+                    name = labels[i] + (f"@{src.step}" if len(steps) > 1 else "")
+                jobs.append((name, src))
+        results, figures = {}, {}
+        for name, src in jobs:
+            r, model, images = analyse_checkpoint(
+                src, ema=args.ema, num_images=args.num_images, dataset=args.dataset,
+                split=args.split, data_dir=args.data_dir, k=args.k, threshold=args.threshold,
+                batch_size=args.batch_size, return_model=True)
+            results[name] = r
+            d = r["depth"]
+            blocks = args.blocks or sorted({0, d // 2, d - 1})
+            if any(not 0 <= b < d for b in blocks):
+                raise ConfigError(f"--blocks {blocks}: {name} has blocks 0..{d - 1}")
+            one = images[args.image:args.image + 1]
+            if len(one):
+                maps = collect_maps(model, one)
+                cfg = model.config
+                figures[name] = (one, maps, blocks, cfg.mean, cfg.std)
+    except (evaluate.CheckpointError, ConfigError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
+    evaluate.write_json(os.path.join(out, "similarity.json"),
+                        {"k": args.k, "threshold": args.threshold,
+                         "num_images": args.num_images, "results": results})
+    plot_similarity(results, os.path.join(out, "similarity.png"))
+    for name, (one, maps, blocks, mean, std) in figures.items():
+        safe = "".join(c if c.isalnum() or c in "-_@." else "_" for c in name)
+        plot_attention(one, maps, blocks, os.path.join(out, f"attention-{safe}.png"),
+                       mean=mean, std=std, title=f"{name}: class-token attention")
+    print(f"{'checkpoint':<32}{'similar':>8}  {'mean M(p,p+1)':>13}  to next (per block)")
+    for name, r in results.items():
+        row = " ".join(f"{v:.2f}" for v in r["to_next"])
+        print(f"{name:<32}{r['similar_blocks']:>8}  {np.mean(r['to_next']):>13.3f}  {row}")
+    print(f"wrote {out}/similarity.json, similarity.png, attention-*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

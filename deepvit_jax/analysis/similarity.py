@@ -1,0 +1,115 @@
+"""The paper's attention-collapse measures (DeepViT, Zhou et al. 2021, Eq. 2), in JAX.
+
+For blocks p and q, head h and token t, with ``A^p[h, :, t]`` the t-th *column* of head h's
+map (how much token t feeds every query)::
+
+    M^{p,q}_{h,t} = <A^p[h, :, t], A^q[h, :, t]> / (|A^p[h, :, t]| |A^q[h, :, t]|)
+
+one cosine over the query axis per (image, head, token). Averaged over images, heads and
+tokens it gives the depth x depth matrix :func:`cross_layer_similarity`; the same cosine
+between two heads of one block gives :func:`inter_head_similarity`. Every function takes
+the maps as a sequence of (B, H, N, N) arrays, one per block, as ``model(images,
+return_attention=True)`` returns them, or as one stacked (D, B, H, N, N) array, and works
+inside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.9  # the level the paper's Fig. 2 calls "similar"
+EPS = 1e-12  # guards all-zero columns (their cosine is taken as 0)
+
+
+def _stack(maps) -> jnp.ndarray:
+    if isinstance(maps, (list, tuple)):
+        maps = jnp.stack([jnp.asarray(m, jnp.float32) for m in maps])
+    maps = jnp.asarray(maps, jnp.float32)
+    if maps.ndim != 5 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"attention maps: expected (depth, batch, heads, N, N), got "
+                         f"{tuple(maps.shape)}")
+    return maps
+
+
+def unit_columns(maps) -> jnp.ndarray:
+    """(D, B, H, N, N) maps with every column (query axis, -2) scaled to unit length."""
+    maps = _stack(maps)
+    norm = jnp.sqrt(jnp.sum(maps * maps, axis=-2, keepdims=True))
+    return maps / jnp.maximum(norm, EPS)
+
+
+def cross_layer_similarity(maps) -> jnp.ndarray:
+    """The (D, D) matrix of Eq. 2's M^{p,q}, averaged over images, heads and tokens."""
+    u = unit_columns(maps)
+    _, b, h, _, n = u.shape
+    return jnp.einsum("pbhit,qbhit->pq", u, u) / (b * h * n)
+
+
+def adjacent_similarity(maps) -> jnp.ndarray:
+    """(D - 1,) M^{p,p+1} only (the diagonal above the main one of
+    :func:`cross_layer_similarity`), without forming the D x D matrix."""
+    u = unit_columns(maps)
+    _, b, h, _, n = u.shape
+    return jnp.einsum("pbhit,pbhit->p", u[:-1], u[1:]) / (b * h * n)
+
+
+def inter_head_similarity(maps) -> jnp.ndarray:
+    """(D, H, H): within each block, the cosine between head g's and head h's columns,
+    averaged over images and tokens (the diagonal is 1 wherever the columns are non-zero)."""
+    u = unit_columns(maps)
+    _, b, _, _, n = u.shape
+    return jnp.einsum("pbgit,pbhit->pgh", u, u) / (b * n)
+
+
+def mean_off_diagonal(heads) -> np.ndarray:
+    """(D,) the mean of each block's H x H inter-head matrix without its diagonal."""
+    heads = np.asarray(heads, np.float64)
+    h = heads.shape[-1]
+    if h < 2:
+        return np.full(heads.shape[:-2], np.nan)
+    off = ~np.eye(h, dtype=bool)
+    return heads[..., off].mean(axis=-1)
+
+
+def similarity_to_next(matrix, k: int = 1) -> np.ndarray:
+    """(D - 1,) for every block p but the last, the mean of M^{p,q} over the next k blocks
+    q = p+1 .. min(p+k, D-1) (the paper's Fig. 2 plots this against p)."""
+    m = np.asarray(matrix, np.float64)
+    d = m.shape[0]
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    return np.array([m[p, p + 1:min(p + k, d - 1) + 1].mean() for p in range(d - 1)])
+
+
+def similar_blocks(matrix, threshold: float = DEFAULT_THRESHOLD, k: int = 1) -> int:
+    """How many blocks have a mean similarity to their next k blocks of at least
+    ``threshold`` (:func:`similarity_to_next` >= threshold)."""
+    return int(np.sum(similarity_to_next(matrix, k) >= threshold))
+
+
+def cls_attention(block_maps, grid: int | None = None) -> np.ndarray:
+    """(B, H, g, g): the class token's row of one block's maps (what each patch gives the
+    class token), without the class token's own column, on the g x g patch grid - what the
+    official visualisation draws over the image."""
+    a = np.asarray(block_maps)
+    n = a.shape[-1] - 1
+    g = grid or round(n ** 0.5)
+    if g * g != n:
+        raise ValueError(f"cls_attention: {n} patch tokens do not form a square grid")
+    return a[:, :, 0, 1:].reshape(a.shape[0], a.shape[1], g, g)
+
+
+def check_maps(maps: Sequence) -> None:
+    """Raise a ValueError naming the problem unless ``maps`` is a non-empty list of equally
+    shaped (B, H, N, N) arrays."""
+    if not len(maps):
+        raise ValueError("attention maps: the list is empty (a model with no blocks?)")
+    shapes = {tuple(np.shape(m)) for m in maps}
+    if len(shapes) != 1:
+        raise ValueError(f"attention maps: blocks differ in shape {sorted(shapes)}")
+    (shape,) = shapes
+    if len(shape) != 4 or shape[-1] != shape[-2]:
+        raise ValueError(f"attention maps: expected (batch, heads, N, N) per block, got {shape}")
