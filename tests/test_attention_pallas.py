@@ -100,12 +100,15 @@ def oracle_bwd(q, k, v, dout, mix, shift, kmat, scale):
 
 
 def _kw(block):
-    return dict(interpret=True, block_q=block, block_k=block)
+    """Interpret mode with (query, key) tiles ``block`` (a pair, or one size for both)."""
+    bq, bk = block if isinstance(block, tuple) else (block, block)
+    return dict(interpret=True, block_q=bq, block_k=bk)
 
 
-# (backend, N, tile): N = 40 spans 3 tiles of 16 (8 padded tokens); N = 17 spans 3 tiles of 8
-# (7 padded). H = 3 also pads the GPU kernels' H x H partial sums to 4 x 4.
-CASES = [("gpu", 40, 16), ("tpu", 17, 8)]
+# (backend, N, tiles): N = 40 in 3 tiles of 16 (8 padded tokens); N = 17 with query tiles of
+# 8 and key tiles of 16, padded to 32 (4 query tiles, the last one all padding; 2 key tiles).
+# H = 3 also pads the GPU kernels' H x H partial sums to 4 x 4.
+CASES = [("gpu", 40, 16), ("tpu", 17, (8, 16))]
 
 
 @pytest.mark.parametrize("backend,n,block", CASES)
