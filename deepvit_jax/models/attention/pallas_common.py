@@ -496,7 +496,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, lse_ref, do_ref, mix_ref, kmat_ref, dq_r
             out.append(dqs[h] + _nn(ds.astype(k_t.dtype), k_t))
         return tuple(out)
 
-    dqs = lax.fori_loop(0, num_k, sweep2, tuple(jnp.zeros(q.shape, F32) for q in qs))
+    dqs = lax.fori_loop(0, num_k, sweep2, tuple(jnp.zeros(x.shape, F32) for x in qs))
     for h in range(heads):
         dq_ref[h] = (scale * dqs[h]).astype(dq_ref.dtype)
         delta_ref[h] = deltas[h]
