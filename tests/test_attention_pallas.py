@@ -109,9 +109,10 @@ def _kw(block):
 # 8 and key tiles of 16, padded to 32 (4 query tiles, the last one all padding; 2 key tiles).
 # H = 3 also pads the GPU kernels' H x H partial sums to 4 x 4.
 CASES = [("gpu", 40, 16), ("tpu", 17, (8, 16))]
+CASE_IDS = ["gpu-N40-tile16", "tpu-N17-tiles8x16"]
 
 
-@pytest.mark.parametrize("backend,n,block", CASES)
+@pytest.mark.parametrize("backend,n,block", CASES, ids=CASE_IDS)
 def test_forward_passes_match_oracle(backend, n, block):
     mod = BACKENDS[backend]
     q, k, v, _, mix, shift, _ = _inputs(n)
@@ -126,7 +127,7 @@ def test_forward_passes_match_oracle(backend, n, block):
     assert _rel(mod.reattn_lse(q, k, scale=scale, **_kw(block)), want_lse) < FP32_TOL
 
 
-@pytest.mark.parametrize("backend,n,block", CASES)
+@pytest.mark.parametrize("backend,n,block", CASES, ids=CASE_IDS)
 def test_backward_passes_match_oracle(backend, n, block):
     mod = BACKENDS[backend]
     q, k, v, dout, mix, shift, kmat = _inputs(n, seed=1)
