@@ -1,0 +1,111 @@
+"""Export a training checkpoint as a model directory.
+
+  python -m deepvit_jax.export runs/deepvit_l_i1k --out models/deepvit_l --ema
+  python -m deepvit_jax.export runs/default --step 440 --out models/digits --bn-recalibrate 10
+
+WORKDIR is a training workdir (its latest checkpoint, or ``--step N``) or one checkpoint
+``WORKDIR/checkpoints/N``. The output is the format of ``deepvit_jax.checkpoint.save_model``
+(config.json + Orbax weights), which ``python -m deepvit_jax.predict``,
+``python -m deepvit_jax.evaluate``, ``python -m deepvit_jax.convert --to-pytorch`` and a
+training config's ``init_from`` read. ``--ema`` exports the EMA weights (and their BatchNorm
+statistics); ``--bn-recalibrate K`` re-estimates every BatchNorm's statistics on K training
+batches of the run (its augmentation, batch size and seed, as its evaluation does) and
+stores those, so the exported model scores what the run's evaluation reported. Without it
+the running statistics are exported as they are.
+
+The directory is written under a temporary name and renamed at the end; an existing
+``--out`` is refused (``--overwrite`` replaces it), and so is an output inside the input.
+
+Python API: :func:`export(workdir, out, step=None, ema=False, bn_recalibrate=0) <export>`
+-> the absolute path written.
+
+Exit status: 0 done, 2 bad input (a message naming the file or option and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import jax
+
+from deepvit_jax.errors import ConfigError
+from deepvit_jax.evaluate import (
+    CheckpointError,
+    add_distributed_flags,
+    check_output,
+    eval_config,
+    load_checkpoint,
+    make_evaluator,
+)
+
+log = logging.getLogger(__name__)
+
+
+def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False,
+           bn_recalibrate: int = 0, overwrite: bool = False) -> str:
+    """Write the model of training checkpoint ``workdir`` (latest, or ``step``) to the model
+    directory ``out``; returns its absolute path."""
+    from deepvit_jax.checkpoint import save_model
+
+    out = check_output(out, [workdir])
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; choose another path or pass "
+                              f"--overwrite to replace it")
+    loaded = load_checkpoint(workdir, step)
+    if loaded.source.kind != "training":
+        raise CheckpointError(f"{loaded.source.path} is already a model directory; export "
+                              f"reads training checkpoints (copy the directory instead)")
+    for p in (loaded.source.path, loaded.source.checkpoints_dir):
+        check_output(out, [p])
+    params, stats = loaded.weights(ema)
+    if bn_recalibrate:
+        config = eval_config(loaded, bn_recalibrate=bn_recalibrate)
+        ev, _ = make_evaluator(loaded, config)
+        if not ev.num_recal:
+            log.warning("--bn-recalibrate %d: %s has no BatchNorm; exporting as it is",
+                        bn_recalibrate, loaded.model_cfg.name)
+        stats = ev.batch_stats_for(params, stats)
+    model = loaded.model(ema=ema, batch_stats=stats)
+    return save_model(model, out, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m deepvit_jax.export",
+        description="Turn a training checkpoint into a model directory (predict, evaluate, "
+                    "convert --to-pytorch and init_from read it).",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdir", metavar="WORKDIR",
+                   help="training workdir, or WORKDIR/checkpoints/<step>")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="K",
+                   help="store BatchNorm statistics re-estimated on K training batches")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_distributed_flags(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from deepvit_jax import parallel
+
+    try:
+        if args.bn_recalibrate < 0:
+            raise ConfigError(f"--bn-recalibrate {args.bn_recalibrate}: must be >= 0")
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+        path = export(args.workdir, args.out, step=args.step, ema=args.ema,
+                      bn_recalibrate=args.bn_recalibrate, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
