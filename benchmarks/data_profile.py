@@ -1,12 +1,13 @@
 """Op-by-op cost of the input pipeline, per CPU core, on ImageNet-like 500x375 JPEGs.
 
 Each op runs as a ``tf.data`` map over in-memory inputs with one thread (TF intra/inter-op
-threads = 1, a one-thread private pool) and the dataset is consumed by ``Dataset.reduce`` (no
-Python per element), so the numbers are microseconds per image **per core**.  Times are process CPU time
-(``time.process_time``), not wall time: on a machine shared with other jobs the wall time
-counts their work too.  The "identity
-map" row is the per-example tf.data overhead included in every other row.  A PIL decode +
-resize loop (the floor of ``data_throughput.py``) runs in the same process, for scale.
+threads = 1, a one-thread private pool), ``REPEAT`` passes in one stream (building an
+iterator costs tens of ms, paid once per epoch in training), consumed by ``Dataset.reduce``
+(no Python per element).  Times are process CPU time (``time.process_time``), not wall time:
+on a machine shared with other jobs the wall time counts their work too.  The numbers are
+microseconds per image **per core**; the "identity map" row is the per-example tf.data
+overhead included in every other row.  A PIL decode + resize loop (the floor of
+``data_throughput.py``) runs in the same process, for scale.
 
     python benchmarks/data_profile.py [--num-images 200] [--repeats 3]
 
@@ -35,7 +36,7 @@ def _sibling(name: str):
     return mod
 
 
-REPEAT = 1
+REPEAT = 8      # passes over the inputs per stream: amortises the iterator set-up
 
 
 def time_map(elements, fn, repeats: int) -> float:
@@ -103,7 +104,7 @@ def main(argv=None):
         rows[name] = round(time_map(elements, fn, rep), 1)
         print(f"{name:58s} {rows[name]:9.1f} us/img", flush=True)
 
-    pil = bench_pil(jpegs, size, rep)
+    pil = bench_pil(jpegs, size, rep)            # images per CPU-second
     rows["PIL floor: decode + RGB + bilinear resize (the floor)"] = round(1e6 / pil, 1)
     print(f"PIL floor {1e6 / pil:.1f} us/img")
     row("tf.data per-example overhead (identity map, uint8 SxS)", small, lambda x: x)

@@ -100,3 +100,15 @@ def test_eval_crop_window_is_resize_then_crop(name, size, crop_pct):
     old = center_crop(tf.cast(tf.clip_by_value(tf.round(old), 0, 255), tf.uint8), size).numpy()
     d = np.abs(direct.astype(int) - old)
     assert d.max() <= 1 and (d > 0).mean() < 1e-3
+
+
+def test_normalize_is_the_plain_formula():
+    import tensorflow as tf
+
+    from deepvit_jax.data.preprocess import normalize
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3)).astype(np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = (tf.cast(x, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)
+    np.testing.assert_array_equal(normalize(x, mean, std).numpy(), ref.numpy())
+    np.testing.assert_array_equal(normalize(x[1], mean, std).numpy(), ref.numpy()[1])

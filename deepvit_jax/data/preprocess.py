@@ -157,9 +157,20 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """uint8 -> float32 (x / 255 - mean) / std."""
+    """uint8 (..., W, 3) -> float32 (x / 255 - mean) / std.
+
+    Computed on rows of W * 3 values with the per-channel constants tiled W times: Eigen
+    broadcasts a (3,) vector along the innermost axis element by element (~0.8 ms for a
+    224 x 224 image on one core), a row-length vector at full speed (~0.25 ms); the values
+    are the same."""
     x = tf.cast(image, tf.float32) / 255.0
-    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    shape = tf.shape(x)
+    rows = tf.reshape(x, [-1, shape[-2] * 3])
+    m = tf.tile(tf.constant(mean, tf.float32), shape[-2:-1])
+    s = tf.tile(tf.constant(std, tf.float32), shape[-2:-1])
+    out = tf.reshape((rows - m) / s, shape)
+    out.set_shape(image.shape)
+    return out
 
 
 def eval_resize_crop(image: tf.Tensor, *, image_size: int, crop_pct: float,
