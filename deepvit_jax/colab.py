@@ -136,16 +136,23 @@ def _on_unmounted_drive(path: str) -> bool:
     return p.startswith(DRIVE_MOUNT + "/") and not os.path.isdir(DRIVE_ROOT)
 
 
+def drive_or_local(path: str, what: str = "output", local_root: str = "runs") -> str:
+    """``path``, or ``local_root/<its name>`` (saying so in one line) when ``path`` lies on a
+    Google Drive that is not mounted."""
+    path = os.path.expanduser(path)
+    if not _on_unmounted_drive(path):
+        return path
+    local = os.path.abspath(os.path.join(local_root, os.path.basename(path.rstrip("/"))))
+    say(f"{what}: Google Drive is not mounted, so using {local}, which a disconnected "
+        f"runtime loses; run the Drive cell (mount_drive) to keep it at {path}")
+    return local
+
+
 def resolve_workdir(path: str, local_root: str = "runs") -> str:
     """``path`` (created), or a local folder when it lies on a Drive that is not mounted.
 
     Prints where the run lives and whether it resumes (its latest checkpoint)."""
-    path = os.path.expanduser(path)
-    if _on_unmounted_drive(path):
-        local = os.path.abspath(os.path.join(local_root, os.path.basename(path.rstrip("/"))))
-        say(f"workdir: Google Drive is not mounted, so using {local}, which a disconnected "
-            f"runtime loses; run the Drive cell (mount_drive) to keep the run at {path}")
-        path = local
+    path = drive_or_local(path, "workdir", local_root)
     os.makedirs(path, exist_ok=True)
     step = latest_checkpoint(path)
     say(f"workdir: {path}" + (f" (holds checkpoint step {step}: training resumes from it)"
@@ -386,3 +393,84 @@ def classify(model, images: Sequence[str], k: int = 5, names_file: str | None = 
         for rank, (i, q, name) in enumerate(rows[-1], 1):
             say(f"  {rank}. {q:6.2%}  {name}  [{i}]")
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Figures and the collapse analysis
+# --------------------------------------------------------------------------------------
+
+
+def show(fig, dpi: int = 100) -> None:
+    """Display a matplotlib figure inline as a PNG, whatever backend is active (the analysis
+    plots draw with Agg), then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue()))
+
+
+@dataclasses.dataclass
+class Analysed:
+    """One checkpoint's collapse measures (``deepvit_jax.analysis.analyse_checkpoint``), with
+    the model and the images they were measured on (for the attention maps)."""
+
+    result: dict
+    model: Any
+    images: Any
+
+
+def analyse_checkpoints(paths: Mapping[str, str], *, num_images: int = 64, k: int = 1,
+                        threshold: float = 0.9, dataset: str = "") -> dict[str, Analysed]:
+    """``analyse_checkpoint`` of each labelled path (model directory, training workdir or
+    checkpoint), one line each: depth, similar blocks, mean similarity to the next block."""
+    from deepvit_jax import analysis
+
+    out = {}
+    for label, path in paths.items():
+        result, model, images = analysis.analyse_checkpoint(
+            path, num_images=num_images, k=k, threshold=threshold, dataset=dataset or None,
+            return_model=True)
+        out[label] = Analysed(result, model, images)
+        to_next = result["to_next"]
+        say(f"{label}: {result['depth']} blocks, {result['similar_blocks']} similar "
+            f"(similarity to the next {k} >= {threshold}), mean {sum(to_next) / len(to_next):.3f}"
+            f", last block pair {to_next[-1]:.3f}; {result['num_images']} images of "
+            f"{result['dataset']} ({path})")
+    return out
+
+
+def show_similarity(analysed: Mapping[str, Analysed]) -> None:
+    """Every checkpoint on one figure (``analysis.plot_similarity``), inline."""
+    from deepvit_jax import analysis
+
+    show(analysis.plot_similarity({label: a.result for label, a in analysed.items()}))
+
+
+def show_attention(analysed: Mapping[str, Analysed], blocks: Sequence[int], index: int = 0
+                   ) -> None:
+    """The class token's attention of ``blocks`` over image ``index``, one figure per
+    checkpoint (``analysis.plot_attention``), inline."""
+    from deepvit_jax import analysis
+
+    for label, a in analysed.items():
+        maps = analysis.collect_maps(a.model, a.images[index:index + 1])
+        cfg = a.model.config
+        show(analysis.plot_attention(a.images[index:index + 1], maps, blocks, mean=cfg.mean,
+                                     std=cfg.std, title=label))
+
+
+def show_image_attention(model, image: str, blocks: Sequence[int]) -> None:
+    """The class token's attention of ``blocks`` over one image file (its evaluation
+    preprocessing), inline: head-averaged and per head."""
+    from deepvit_jax import analysis
+    from deepvit_jax.predict import load_inputs
+
+    batch, _ = load_inputs([image], model.config)
+    maps = analysis.collect_maps(model, batch)
+    show(analysis.plot_attention(batch, maps, blocks, mean=model.config.mean,
+                                 std=model.config.std, title=os.path.basename(image)))
