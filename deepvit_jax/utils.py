@@ -69,7 +69,7 @@ def _move(src: epath.Path, dst: epath.Path) -> None:
     """Rename on an object store: objects have no directories to rename, so a directory is
     moved object by object (each a copy + delete, as ``gsutil mv`` does), then removed."""
     if not src.is_dir():
-        src.rename(dst)
+        src.replace(dst)
         return
     dst.mkdir(parents=True, exist_ok=True)
     for child in src.iterdir():

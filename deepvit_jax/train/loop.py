@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from deepvit_jax import parallel
+from deepvit_jax.analysis.monitor import make_probe
 from deepvit_jax.errors import ConfigError, InputError, one_line
 from deepvit_jax.models import ModelConfig, get_config
 from deepvit_jax.train import config as config_lib
@@ -116,6 +117,15 @@ def setup(config, workdir: str) -> Run:
              dataset.num_train, dataset.num_eval, dataset.num_classes, dict(mesh.shape),
              length.total_steps, length.steps_per_epoch)
 
+    data_sh = parallel.batch_sharding(mesh)
+    spec = pipeline.ImageSpec.of(mcfg)
+    try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
+        train_iter = pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
+                                                  spec=spec, sharding=data_sh,
+                                                  seed=config.seed, dataset=dataset)
+    except ValueError as e:
+        raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
+                          else f"config.data: {one_line(e)}") from None
     schedule = step_lib.make_schedule(config.optim, length)
     tx = step_lib.make_optimizer(config.optim, schedule)
     model_def = state_lib.make_model_def(mcfg)
@@ -128,15 +138,6 @@ def setup(config, workdir: str) -> Run:
     rest_sh = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_rest)
     state, rest = jax.jit(init_fn, out_shardings=(state_sh, rest_sh))()
 
-    data_sh = parallel.batch_sharding(mesh)
-    spec = pipeline.ImageSpec.of(mcfg)
-    try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
-        train_iter = pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
-                                                  spec=spec, sharding=data_sh,
-                                                  seed=config.seed, dataset=dataset)
-    except ValueError as e:
-        raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
-                          else f"config.data: {one_line(e)}") from None
     best = "eval/ema_top1" if config.ema_decay > 0 else "eval/top1"
     meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
     ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=config.checkpoint.keep,
@@ -242,6 +243,8 @@ def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]
     writer = MetricWriter(workdir, resume_step=run.start_step if run.resumed else None)
     meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
     bar = _progress_bar(total, run.start_step)
+    # Attention-collapse probe on the first eval images (built before the eval wrapper).
+    probe = make_probe(run) if c.collapse_every_steps else None
     run.evaluator.eval_batches = preemption.interruptible(run.evaluator.eval_batches)
     if run.evaluator.recal_iterator is not None:
         run.evaluator.recal_iterator = preemption.interruptible(run.evaluator.recal_iterator)
@@ -291,6 +294,8 @@ def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]
                 writer.write(step, row)
                 bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}",
                                 img_s=f"{row['img_per_sec']:.0f}", refresh=False)
+            if probe is not None and step % c.collapse_every_steps == 0:
+                writer.write(step, probe(run.state))
             evaluated = step % c.eval.every_steps == 0 or last
             if evaluated:
                 meter.check()

@@ -76,7 +76,7 @@ class MetricWriter:
             keep_to = resume_step if resume_step is not None else -1
             kept = [r for r in self._rows() if r.get("step", 0) <= keep_to]
             with atomic_output(self.path) as tmp, as_path(tmp).open("w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
         from clu import metric_writers
 
         tb_dir = workdir / "tensorboard"
