@@ -19,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
-NOTEBOOKS = ("quickstart.ipynb", "train_tpu.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "train_tpu.ipynb", "attention_collapse.ipynb")
 
 # The training overrides of tests/test_main.py's TINY run, as config fields, without EMA and
 # BatchNorm re-estimation (fewer programs to compile: CPU time is the budget here).
@@ -208,8 +208,19 @@ def test_train_tpu_notebook(tmp_path, kernel_env):
     evals = [r for r in rows if "eval/top1" in r]
     assert [r["step"] for r in evals] == [steps]
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps)]
-    # The notebook shows the loop's evaluation.
-    assert f"step {steps}: eval top-1 {evals[0]['eval/top1']:.2f}%" in out
+    # The notebook shows the loop's evaluation, and evaluating the checkpoint afterwards
+    # reports the same numbers over the whole split.
+    top1 = evals[0]["eval/top1"]
+    assert f"step {steps}: eval top-1 {top1:.2f}%" in out
+    table = dict(re.findall(r"^(top-1|top-5|count) +(\S+)", out, re.M))
+    assert table == {"top-1": f"{top1:.2f}", "top-5": f"{evals[0]['eval/top5']:.2f}",
+                     "count": "360"}
+    # The exported model directory loads.
+    model_dir = tmp_path / "model"
+    assert f"exported deepvit_16b (10 classes) to {model_dir}" in out
+    from deepvit_jax.checkpoint import read_config
+
+    assert (read_config(model_dir).depth, read_config(model_dir).embed_dim) == (2, 16)
 
 
 _TOP_K_LINE = re.compile(r"^\s+(\d)\.\s+([\d.]+)%  (.+)  \[(\d+)\]$", re.M)
@@ -248,4 +259,46 @@ def test_quickstart_notebook(tmp_path, kernel_env):
     names = class_names(1000)
     assert [g[2] for g in got] == [names[i] for i in want_idx[0]]
     assert [float(g[1]) for g in got] == pytest.approx((want_p[0] * 100).tolist(), abs=0.006)
-    # (attention maps: once deepvit_jax.analysis lands)
+    assert images_shown(nb) == 1  # the attention maps
+
+
+def _eq2_to_next(maps):
+    """The paper's Eq. 2 for consecutive blocks, in NumPy: M^{p,p+1} = the cosine over the
+    query axis between column t of block p's map and of block p+1's, averaged over images,
+    heads and tokens t."""
+    import numpy as np
+
+    cols = [m / np.linalg.norm(m, axis=2, keepdims=True) for m in map(np.float64, maps)]
+    return [float((cols[p] * cols[p + 1]).sum(axis=2).mean()) for p in range(len(maps) - 1)]
+
+
+def test_attention_collapse_notebook(tmp_path, kernel_env):
+    """Two tiny runs of configs/collapse.py (3 blocks, 3 steps each), analysed and drawn; the
+    printed similarity to the next block equals Eq. 2 computed here from the run's maps."""
+    import numpy as np
+
+    tiny = {**TINY, "model.depth": 3, "model.image_size": 32, "total_steps": 3,
+            "eval.every_steps": 1000, "checkpoint.every_steps": 1000}
+    del tiny["model.reattn_blocks"]  # the variant decides: all blocks (deepvit) or none (vit)
+    nb = execute("attention_collapse.ipynb", tmp_path, OVERRIDES=tiny,
+                 WORKDIR=str(tmp_path / "collapse"), NUM_IMAGES=16, BLOCKS=[0, 2])
+    out = text_output(nb)
+    lines = dict(re.findall(r"^(ViT|DeepViT): (3 blocks, .*)$", out, re.M))
+    assert set(lines) == {"ViT", "DeepViT"}
+    from deepvit_jax.analysis import load_images
+    from deepvit_jax.evaluate import load_checkpoint
+
+    for label, run in (("ViT", "vit"), ("DeepViT", "deepvit")):
+        loaded = load_checkpoint(str(tmp_path / "collapse" / run))
+        assert loaded.source.step == 3
+        assert len(loaded.model_cfg.reattn_indices) == (3 if run == "deepvit" else 0)
+        model = loaded.model()
+        images, _ = load_images(loaded.run_config.data, loaded.model_cfg, 16)
+        _, maps = model(images, return_attention=True)
+        want = _eq2_to_next([np.asarray(m) for m in maps])
+        similar = sum(v >= 0.9 for v in want)
+        assert lines[label].startswith(f"3 blocks, {similar} similar")
+        got = re.search(r"mean ([\d.]+), last block pair ([\d.]+); 16 images", lines[label])
+        assert float(got.group(1)) == pytest.approx(np.mean(want), abs=1e-3)
+        assert float(got.group(2)) == pytest.approx(want[-1], abs=1e-3)
+    assert images_shown(nb) == 3  # the similarity figure and one attention figure per run
