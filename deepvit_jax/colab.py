@@ -148,16 +148,40 @@ def drive_or_local(path: str, what: str = "output", local_root: str = "runs") ->
     return local
 
 
-def resolve_workdir(path: str, local_root: str = "runs") -> str:
+def resolve_workdir(path: str, local_root: str = "runs", *,
+                    take_over_lock: bool | None = None) -> str:
     """``path`` (created), or a local folder when it lies on a Drive that is not mounted.
 
-    Prints where the run lives and whether it resumes (its latest checkpoint)."""
+    Prints where the run lives and whether it resumes (its latest checkpoint). A run holds
+    ``WORKDIR/lock`` (host and pid) while it trains; a runtime that disconnected never
+    removes it, and the next runtime is another host, which the training loop refuses
+    (it cannot tell whether that host still runs). ``take_over_lock`` (default: on Colab)
+    removes a lock of another host, saying so: one Colab runtime per workdir."""
     path = drive_or_local(path, "workdir", local_root)
     os.makedirs(path, exist_ok=True)
+    if in_colab() if take_over_lock is None else take_over_lock:
+        _take_over_lock(path)
     step = latest_checkpoint(path)
     say(f"workdir: {path}" + (f" (holds checkpoint step {step}: training resumes from it)"
                               if step is not None else " (new run)"))
     return path
+
+
+def _take_over_lock(workdir: str) -> None:
+    import json
+    import socket
+
+    lock = os.path.join(workdir, "lock")
+    try:
+        with open(lock) as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return  # no lock (an unreadable one is the training loop's to judge)
+    host = owner.get("host") if isinstance(owner, dict) else None
+    if host and host != socket.gethostname():
+        os.remove(lock)
+        say(f"workdir: removed the lock of the runtime that trained here before (host {host}, "
+            f"now gone); do not train into one workdir from two runtimes at once")
 
 
 def latest_checkpoint(workdir: str) -> int | None:

@@ -181,6 +181,22 @@ def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
     assert "no file at" in out[4] and "upload" in out[4]
     assert "README of https://github.com/zhoudaquan/dvit_repo" in out[5]
     assert len(out) == 6  # one line each
+
+    # The lock of a runtime that disconnected (another host) is taken over, saying so; the
+    # lock of a run on this host is the training loop's to judge.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lock").write_text(json.dumps({"host": "colab-vm-gone", "pid": 7, "started": 0}))
+    colab.resolve_workdir(str(run), take_over_lock=True)
+    assert not (run / "lock").exists()
+    assert "removed the lock of the runtime that trained here before (host colab-vm-gone" in (
+        capsys.readouterr().out)
+    import socket
+
+    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0})
+    (run / "lock").write_text(mine)
+    colab.resolve_workdir(str(run), take_over_lock=True)
+    assert (run / "lock").read_text() == mine
     with pytest.raises(ValueError, match=r"has no field 'model\.dept'"):
         colab.load_config("colab.py:cpu_small,digits", {"model.dept": 2})
 
@@ -215,6 +231,11 @@ def test_train_tpu_notebook(tmp_path, kernel_env):
     table = dict(re.findall(r"^(top-1|top-5|count) +(\S+)", out, re.M))
     assert table == {"top-1": f"{top1:.2f}", "top-5": f"{evals[0]['eval/top5']:.2f}",
                      "count": "360"}
+    # Running the notebook again resumes: the workdir holds the run's checkpoint, unlocked.
+    from deepvit_jax import colab
+
+    assert colab.latest_checkpoint(str(workdir)) == steps
+    assert not (workdir / "lock").exists()
     # The exported model directory loads.
     model_dir = tmp_path / "model"
     assert f"exported deepvit_16b (10 classes) to {model_dir}" in out
