@@ -59,6 +59,98 @@ def time_map(elements, fn, repeats: int) -> float:
     return best * 1e6
 
 
+def step_cost(model_name: str, batch: int, steps: int, out: str):
+    """Train-step time of ``model_name`` on this machine's JAX device with and without
+    on-device augmentation (RandAugment + normalise + erasing before the model), and of the
+    augmentation alone, side by side in one process; writes ``out``."""
+    import functools
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import deepvit_jax as dj
+    from deepvit_jax.data.config import default_data_config
+    from deepvit_jax.data.device_augment import make_device_augment
+
+    cfg = default_data_config()
+    cfg.device_augment = True
+    mc = dj.get_config(model_name)
+    size = mc.image_size
+    augment = make_device_augment(cfg, image_size=size, mean=mc.mean, std=mc.std)
+    model = dj.create_model(model_name)
+    opt = nnx.Optimizer(model, optax.adamw(5e-4, weight_decay=0.05), wrt=nnx.Param)
+    model.train()
+    graph, state0 = nnx.split((model, opt))
+    u8 = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
+    f32 = (u8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, mc.num_classes)
+
+    def make_step(with_augment: bool):
+        @functools.partial(jax.jit, donate_argnums=0)
+        def step(state, key, x, y):
+            model, opt = nnx.merge(graph, state)
+            if with_augment:
+                x = augment(key, x)
+
+            def loss_fn(m):
+                return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return nnx.state((model, opt)), loss
+        return step
+
+    aug_jit = jax.jit(augment)
+    results = {}
+    for name, step, x in (("train_step_host_augmented_f32", make_step(False), f32),
+                          ("train_step_with_device_augment_u8", make_step(True), u8)):
+        state = jax.tree.map(jnp.copy, state0)
+        t = time.perf_counter()
+        state, loss = step(state, jax.random.key(2), x, y)
+        jax.block_until_ready(loss)
+        results[f"{name}_first_call_s"] = round(time.perf_counter() - t, 2)
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            state, loss = step(state, jax.random.key(3 + i), x, y)
+            jax.block_until_ready(loss)
+            times.append(time.perf_counter() - t)
+        results[f"{name}_median_s"] = round(statistics.median(times), 4)
+        del state
+    t = time.perf_counter()
+    jax.block_until_ready(aug_jit(jax.random.key(0), u8))
+    results["device_augment_alone_compile_s"] = round(time.perf_counter() - t, 2)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(aug_jit(jax.random.key(i), u8))
+        times.append(time.perf_counter() - t)
+    results["device_augment_alone_median_s"] = round(statistics.median(times), 4)
+    base = results["train_step_host_augmented_f32_median_s"]
+    results["step_time_ratio_with_device_augment"] = round(
+        results["train_step_with_device_augment_u8_median_s"] / base, 3)
+    record = {"benchmark": "data_device_augment_step", "model": model_name, "batch": batch,
+              "image_size": size, "steps": steps, "device": str(jax.devices()[0]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "note": "wall-clock medians on a shared, loaded 2-core CPU machine: compare the "
+                      "rows of this run, not absolute times",
+              "results": results}
+    print(json.dumps(record, indent=1))
+    _write(out, record)
+
+
+def _write(path, record):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-images", type=int, default=200)
@@ -66,7 +158,15 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "data_profile.json"))
+    p.add_argument("--step-cost", metavar="MODEL", default=None,
+                   help="instead: the train step of MODEL (e.g. deepvit_16b) with and without "
+                        "on-device augmentation -> results/data_device_augment_step.json")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.step_cost:
+        return step_cost(args.step_cost, args.batch, args.steps, os.path.join(
+            os.path.dirname(args.out), "data_device_augment_step.json"))
 
     import tensorflow as tf
 
@@ -130,8 +230,14 @@ def main(argv=None):
     row("crop only (slice of the decoded image)", (full, windows), crop)
     row(f"eval resize 500x375 -> shorter {int(size / 0.9)} bicubic antialias", full,
         lambda x: P.resize_shorter_side(x, int(size / 0.9), "bicubic"))
-    row("flip (tf.where on coin)", (small, seeds),
+    row("flip (tf.where on coin: both computed)", (small, seeds),
         lambda x, s: tf.where(A._uniform(s) < 0.5, tf.image.flip_left_right(x), x))
+    row("flip (tf.cond on coin, as augment.py)", (small, seeds),
+        lambda x, s: tf.cond(A._uniform(s) < 0.5, lambda: tf.image.flip_left_right(x),
+                             lambda: x))
+    row("eval: decode + resize to shorter 248 + centre crop 224 + normalise", enc,
+        lambda e: P.eval_preprocess(tf.io.decode_jpeg(e, channels=3), image_size=size,
+                                    crop_pct=0.9, mean=(0.5,) * 3, std=(0.5,) * 3))
     for name in ra["transforms"]:
         row(f"RandAugment op {name} (m=9)", small,
             lambda x, n=name: A.apply_op(n, x, A.level_to_arg(n, 9.0, False), fill))
@@ -162,12 +268,7 @@ def main(argv=None):
                          "compare rows of one run"},
         "rows_us_per_image": rows,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    _write(args.out, record)
 
 
 if __name__ == "__main__":
