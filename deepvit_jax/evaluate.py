@@ -38,14 +38,14 @@ from typing import Any
 
 import jax
 
-from deepvit_jax.errors import ConfigError
+from deepvit_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/{state,data,meta}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A path that is not a readable model directory or training checkpoint; the message
     names the file and the fix."""
 
@@ -496,10 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from deepvit_jax import parallel
+    from deepvit_jax.errors import run_cli
 
-    try:
+    def body():
         parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
+        if args.output:  # a bad --output fails before any compute
+            check_output(args.output, [args.checkpoint])
         r = evaluate_checkpoint(args.checkpoint, step=args.step, ema=args.ema,
                                 dataset=args.dataset, split=args.split,
                                 data_dir=args.data_dir, batch_size=args.batch_size,
@@ -507,13 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         out = check_output(args.output or default_output(r), [args.checkpoint])
         if jax.process_index() == 0:
             write_json(out, r)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if jax.process_index() == 0:
-        print(format_table(r))
-        print(f"wrote {out}")
-    return 0
+            print(format_table(r))
+            print(f"wrote {out}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

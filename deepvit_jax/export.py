@@ -91,20 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from deepvit_jax import parallel
+    from deepvit_jax.errors import run_cli
 
-    try:
+    def body():
         if args.bn_recalibrate < 0:
             raise ConfigError(f"--bn-recalibrate {args.bn_recalibrate}: must be >= 0")
         parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
         path = export(args.workdir, args.out, step=args.step, ema=args.ema,
                       bn_recalibrate=args.bn_recalibrate, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if jax.process_index() == 0:
-        print(f"wrote {path}")
-    return 0
+        if jax.process_index() == 0:
+            print(f"wrote {path}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from deepvit_jax.errors import run_cli
 
+    return run_cli(lambda: _run(args), input_errors=(ValueError,))
+
+
+def _run(args) -> None:
     import numpy as np
 
     from deepvit_jax import evaluate
@@ -83,43 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     from deepvit_jax.errors import ConfigError
 
     labels = args.labels.split(",") if args.labels else None
-    try:
-        if args.k < 1:
-            raise ConfigError(f"--k {args.k}: must be >= 1")
-        if labels and len(labels) != len(args.paths):
-            raise ConfigError(f"--labels has {len(labels)} names for {len(args.paths)} paths")
-        if not 0 <= args.image < args.num_images:
-            raise ConfigError(f"--image {args.image}: must be below --num-images "
-                              f"{args.num_images}")
-        out = evaluate.check_output(args.out, args.paths)
-        jobs = []  # (label, source)
-        for i, path in enumerate(args.paths):
-            steps = args.steps or [None]
-            for step in steps:
-                src = evaluate.resolve(path, step)
-                name = _label(path, src.step, src.kind)
-                if labels:
-                    name = labels[i] + (f"@{src.step}" if len(steps) > 1 else "")
-                jobs.append((name, src))
-        results, figures = {}, {}
-        for name, src in jobs:
-            r, model, images = analyse_checkpoint(
-                src, ema=args.ema, num_images=args.num_images, dataset=args.dataset,
-                split=args.split, data_dir=args.data_dir, k=args.k, threshold=args.threshold,
-                batch_size=args.batch_size, return_model=True)
-            results[name] = r
-            d = r["depth"]
-            blocks = args.blocks or sorted({0, d // 2, d - 1})
-            if any(not 0 <= b < d for b in blocks):
-                raise ConfigError(f"--blocks {blocks}: {name} has blocks 0..{d - 1}")
-            one = images[args.image:args.image + 1]
-            if len(one):
-                maps = collect_maps(model, one)
-                cfg = model.config
-                figures[name] = (one, maps, blocks, cfg.mean, cfg.std)
-    except (evaluate.CheckpointError, ConfigError, ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k}: must be >= 1")
+    if labels and len(labels) != len(args.paths):
+        raise ConfigError(f"--labels has {len(labels)} names for {len(args.paths)} paths")
+    if not 0 <= args.image < args.num_images:
+        raise ConfigError(f"--image {args.image}: must be below --num-images {args.num_images}")
+    out = evaluate.check_output(args.out, args.paths)
+    jobs = []  # (label, source)
+    for i, path in enumerate(args.paths):
+        steps = args.steps or [None]
+        for step in steps:
+            src = evaluate.resolve(path, step)
+            name = _label(path, src.step, src.kind)
+            if labels:
+                name = labels[i] + (f"@{src.step}" if src.step is not None else "")
+            jobs.append((name, src))
+    results, figures = {}, {}
+    for name, src in jobs:
+        r, model, images = analyse_checkpoint(
+            src, ema=args.ema, num_images=args.num_images, dataset=args.dataset,
+            split=args.split, data_dir=args.data_dir, k=args.k, threshold=args.threshold,
+            batch_size=args.batch_size, return_model=True)
+        results[name] = r
+        d = r["depth"]
+        blocks = args.blocks or sorted({0, d // 2, d - 1})
+        if any(not 0 <= b < d for b in blocks):
+            raise ConfigError(f"--blocks {blocks}: {name} has blocks 0..{d - 1}")
+        one = images[args.image:args.image + 1]
+        if len(one):
+            cfg = model.config
+            figures[name] = (one, collect_maps(model, one), blocks, cfg.mean, cfg.std)
     os.makedirs(out, exist_ok=True)
     evaluate.write_json(os.path.join(out, "similarity.json"),
                         {"k": args.k, "threshold": args.threshold,
@@ -129,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         safe = "".join(c if c.isalnum() or c in "-_@." else "_" for c in name)
         plot_attention(one, maps, blocks, os.path.join(out, f"attention-{safe}.png"),
                        mean=mean, std=std, title=f"{name}: class-token attention")
-    print(f"{'checkpoint':<32}{'similar':>8}  {'mean M(p,p+1)':>13}  to next (per block)")
+    print(f"{'checkpoint':<28}{'similar':>8}  {'mean M(p,p+1)':>13}  to next (per block)")
     for name, r in results.items():
         row = " ".join(f"{v:.2f}" for v in r["to_next"])
-        print(f"{name:<32}{r['similar_blocks']:>8}  {np.mean(r['to_next']):>13.3f}  {row}")
+        print(f"{name:<28}{r['similar_blocks']:>8}  {np.mean(r['to_next']):>13.3f}  {row}")
     print(f"wrote {out}/similarity.json, similarity.png, attention-*.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ def base_config(model_name: str = "deepvit_16b") -> ml_collections.ConfigDict:
     c.ema_decay = 0.99996  # 0: no EMA (timm ModelEmaV2 over parameters and BN statistics)
     c.seed = 42
     c.log_every_steps = 100
+    # Attention collapse monitored every this many steps (0: off): each block's similarity
+    # to the next one (the paper's Eq. 2) and the similar-block count on a fixed probe batch
+    # -> collapse/* in metrics.jsonl and TensorBoard (deepvit_jax.analysis.monitor).
+    c.collapse_every_steps = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-4
@@ -165,6 +169,7 @@ def _get(config, dotted: str):
 # memory / kernel choices with the same arithmetic, and bookkeeping.
 RESUMABLE_FIELDS = frozenset({
     "total_steps", "num_epochs", "cooldown_epochs", "log_every_steps", "expected_top1",
+    "collapse_every_steps",
     "init_from", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
     "checkpoint.keep", "mesh", "model.remat", "model.attention_impl", "data.data_dir",
     "data.num_parallel_calls", "data.prefetch_batches", "data.private_threadpool_size",
@@ -180,9 +185,9 @@ def validate(config) -> None:
     _positive_int(config, "batch_size", "log_every_steps", "eval.every_steps",
                   "checkpoint.every_steps", "checkpoint.keep", "optim.grad_accum_steps")
     _non_negative(config, "total_steps", "num_epochs", "warmup_epochs", "cooldown_epochs",
-                  "ema_decay", "loss.cosine_reg_weight", "optim.weight_decay",
-                  "optim.grad_clip_norm", "eval.batch_size", "eval.bn_recalibration_batches",
-                  "eval.bn_recalibration_batch_size")
+                  "collapse_every_steps", "ema_decay", "loss.cosine_reg_weight",
+                  "optim.weight_decay", "optim.grad_clip_norm", "eval.batch_size",
+                  "eval.bn_recalibration_batches", "eval.bn_recalibration_batch_size")
     if not isinstance(config.eval.bn_recalibration_batches, int):
         raise ConfigError(f"config.eval.bn_recalibration_batches="
                           f"{config.eval.bn_recalibration_batches!r}: must be an integer "
