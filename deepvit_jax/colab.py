@@ -376,6 +376,11 @@ def load_weights(path: str | None, model: str, **overrides):
     else:
         from deepvit_jax.convert import from_pytorch
 
+        official = OFFICIAL_FILES.get(os.path.basename(found))
+        if official and official != model:
+            say(f"weights: {os.path.basename(found)} is the official {official}: converting "
+                f"to {official}, not {model}")
+            model = official
         net = from_pytorch(found, model, **overrides)
         say(f"weights: converted {found} -> {net.config.name} "
             f"({deepvit_jax.count_params(net):,} parameters)")

@@ -197,6 +197,20 @@ def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
     (run / "lock").write_text(mine)
     colab.resolve_workdir(str(run), take_over_lock=True)
     assert (run / "lock").read_text() == mine
+    # An official release file converts to its own model whatever MODEL says (a tiny
+    # DeepViT-L-shaped file under the release's name).
+    import torch
+
+    from deepvit_jax.reference import official as R
+
+    torch.manual_seed(0)
+    ref = R.create("deepvit_L", img_size=32, depth=2, reattn=range(1, 2), num_classes=10)
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "DViT_83_32b.pth.tar")
+    model = colab.load_weights(str(tmp_path / "DViT_83_32b.pth.tar"), "deepvit_s",
+                               image_size=32, depth=2, reattn_blocks=(1,), num_classes=10)
+    assert (model.config.name, model.config.embed_dim) == ("deepvit_l", 420)
+    assert "DViT_83_32b.pth.tar is the official deepvit_l: converting to deepvit_l, not " \
+        "deepvit_s" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"has no field 'model\.dept'"):
         colab.load_config("colab.py:cpu_small,digits", {"model.dept": 2})
 
