@@ -1,36 +1,37 @@
 """deepvit-jax against the official PyTorch model, side by side in one run, on one machine.
 
 For each model it times one full AdamW training step (forward, backward, update) and one
-inference forward pass, in JAX (our Flax NNX model under jit) and in PyTorch (the official
-model as laid out in deepvit_jax/reference/official.py, which follows the released code module
-for module), on the same batch size, image size and precision. It prints img/s for both and
-the JAX / PyTorch ratio, and writes everything to a JSON file.
+inference forward pass, in JAX (our Flax NNX model under jit, for each ``--jax-impls``
+attention implementation) and in PyTorch (the official model as laid out in
+deepvit_jax/reference/official.py, which follows the released code module for module),
+eager and ``torch.compile``d (a fair peer is compiled), on the same batch size, image size
+and precision. All runners are built and warmed up first, then timed in ``--repeats``
+interleaved rounds (each the median of ``--steps`` steps); the JSON keeps every round and
+reports the median time of each runner and the median of the per-round ratios, so a load
+spike on a shared machine hits both sides of a ratio.
 
-    python benchmarks/vs_pytorch.py                       # CPU, DeepViT-16 vs ViT-16, batch 16
+    python benchmarks/vs_pytorch.py --image-size 224          # CPU, batch 16, four models
     python benchmarks/vs_pytorch.py --device cuda --batch 128 --dtype bfloat16
 
-On CUDA, PyTorch runs in eager mode (as the official training script does) with
-torch.autocast for bf16; JAX runs its model with compute dtype bf16 (parameters fp32).
+On CUDA, PyTorch uses torch.autocast for bf16; JAX runs its model with compute dtype bf16
+(parameters fp32).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = ["deepvit_16b", "vit_16b", "deepvit_s", "deepvit_l_384"]
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _median_time(fn, steps: int) -> float:
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -39,21 +40,34 @@ def _median_time(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench_jax(name, args):
+def _image_size(name, args):
+    import deepvit_jax as dj
+
+    return args.image_size or dj.get_config(name).image_size
+
+
+def jax_runners(name, impl, args):
+    """{'train': fn, 'infer': fn}, compiled and warmed up."""
+    import functools
+
     import jax
+    import jax.numpy as jnp
     import optax
     from flax import nnx
 
     import deepvit_jax as dj
 
-    model = dj.create_model(name, image_size=args.image_size, dtype=args.dtype)
-    x = jax.random.normal(jax.random.key(0), (args.batch, args.image_size, args.image_size, 3))
+    size = _image_size(name, args)
+    model = dj.create_model(name, image_size=size, dtype=args.dtype, attention_impl=impl)
+    x = jax.random.normal(jax.random.key(0), (args.batch, size, size, 3))
     y = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
     opt = nnx.Optimizer(model, optax.adamw(5e-4, weight_decay=0.05), wrt=nnx.Param)
 
     # The functional form, as the training loop uses it: split the module graph once and jit
-    # pure functions of its arrays. (nnx.jit re-traverses the graph on every call, which costs
-    # tens of ms per step for a 16-block model: measured and reported in the README.)
+    # pure functions of its arrays (nnx.jit re-traverses the graph on every call).
+    model.eval()
+    eval_graph, eval_state = nnx.split(model)
+    eval_state = jax.tree.map(jnp.copy, eval_state)  # the train step donates the originals
     model.train()
     train_graph, train_state = nnx.split((model, opt))
 
@@ -68,31 +82,22 @@ def bench_jax(name, args):
         opt.update(model, grads)
         return nnx.state((model, opt)), loss
 
-    model.eval()
-    eval_graph, eval_state = nnx.split(model)
-
     @jax.jit
     def infer(state, x):
         return nnx.merge(eval_graph, state)(x)
 
-    out = {}
-    # Inference first: the training step donates (and so deletes) the shared arrays.
-    if args.mode in ("infer", "both"):
-        out["infer_s"] = _median_time(lambda: jax.block_until_ready(infer(eval_state, x)),
-                                      args.steps, args.warmup)
-    if args.mode in ("train", "both"):
-        box = [train_state]
+    box = [train_state]
 
-        def run_train():
-            box[0], loss = train_step(box[0], x, y)
-            jax.block_until_ready(loss)
+    def run_train():
+        box[0], loss = train_step(box[0], x, y)
+        jax.block_until_ready(loss)
 
-        out["train_s"] = _median_time(run_train, args.steps, args.warmup)
-    out["device"] = str(jax.devices()[0])
-    return out
+    runners = {"train": run_train,
+               "infer": lambda: jax.block_until_ready(infer(eval_state, x))}
+    return {k: v for k, v in runners.items() if args.mode in (k, "both")}
 
 
-def bench_torch(name, args):
+def torch_runners(name, compiled, args):
     import torch
 
     from deepvit_jax.models.registry import official_name
@@ -101,84 +106,136 @@ def bench_torch(name, args):
     dev = torch.device(args.device)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    model = official.create(official_name(name), img_size=args.image_size).to(dev)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
+    size = _image_size(name, args)
+    model = official.create(official_name(name), img_size=size).to(dev)
+    x = torch.randn(args.batch, 3, size, size, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
                               enabled=args.dtype == "bfloat16")
+    fwd = torch.compile(model) if compiled else model
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     def train_step():
+        model.train()
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(fwd(x), y)
         loss.backward()
         opt.step()
         sync()
 
     @torch.no_grad()
     def infer():
+        model.eval()
         with autocast:
-            model(x)
+            fwd(x)
         sync()
 
-    out = {}
-    if args.mode in ("train", "both"):
-        model.train()
-        out["train_s"] = _median_time(train_step, args.steps, args.warmup)
-    if args.mode in ("infer", "both"):
-        model.eval()
-        out["infer_s"] = _median_time(infer, args.steps, args.warmup)
-    out["device"] = (torch.cuda.get_device_name() if dev.type == "cuda"
-                     else f"cpu x{torch.get_num_threads()} threads")
-    return out
+    runners = {"train": train_step, "infer": infer}
+    return {k: v for k, v in runners.items() if args.mode in (k, "both")}
+
+
+def bench_model(name, args):
+    runners, errors, compile_s = {}, {}, {}
+    builders = [(f"jax_{impl}", lambda impl=impl: jax_runners(name, impl, args))
+                for impl in args.jax_impls]
+    if args.torch_compile in ("no", "also"):
+        builders.append(("torch_eager", lambda: torch_runners(name, False, args)))
+    if args.torch_compile in ("only", "also"):
+        builders.append(("torch_compiled", lambda: torch_runners(name, True, args)))
+    for key, build in builders:
+        try:
+            for kind, fn in build().items():
+                t = time.perf_counter()
+                for _ in range(args.warmup):
+                    fn()  # compiles on the first call
+                compile_s[f"{key}_{kind}"] = round(time.perf_counter() - t, 1)
+                runners[f"{key}_{kind}"] = fn
+        except Exception as e:  # e.g. torch.compile without a working C++ toolchain
+            errors[key] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"{name}: {key} failed: {errors[key]}", flush=True)
+
+    rounds = []
+    for _ in range(args.repeats):
+        rounds.append({k: _median_time(fn, args.steps) for k, fn in runners.items()})
+    row = {"model": name, "image_size": _image_size(name, args), "warmup_s": compile_s,
+           "rounds_s": rounds, "errors": errors}
+    for key in runners:
+        row[f"{key}_img_s"] = round(args.batch / statistics.median(r[key] for r in rounds), 3)
+    # Speed-ups: PyTorch time / JAX time, the median over rounds (side by side).
+    for key in runners:
+        if not key.startswith("jax_"):
+            continue
+        impl, kind = key[4:].rsplit("_", 1)
+        for peer in ("torch_eager", "torch_compiled"):
+            if f"{peer}_{kind}" in runners:
+                row[f"{impl}_vs_{peer}_{kind}"] = round(statistics.median(
+                    r[f"{peer}_{kind}"] / r[key] for r in rounds), 3)
+    return row, rounds
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["deepvit_16b", "vit_16b"])
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: each model's own (224, or 384 for deepvit_l_384)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu", help="PyTorch device: cpu or cuda")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median is reported)")
+    p.add_argument("--jax-impls", nargs="+", default=["auto"],
+                   help="ModelConfig.attention_impl values to time (e.g. reference auto)")
+    p.add_argument("--torch-compile", choices=["no", "also", "only"], default="also",
+                   help="time torch.compile'd PyTorch as well as eager (compiling is slow "
+                   "on a small CPU: 'no' skips it)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round (median)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/"
                    "vs_pytorch_<device>_<dtype>.json)")
     args = p.parse_args()
 
-    rows = []
-    for name in args.models:
-        j, t = bench_jax(name, args), bench_torch(name, args)
-        row = {"model": name, "jax_device": j["device"], "torch_device": t["device"]}
-        for key in ("train_s", "infer_s"):
-            if key in j:
-                kind = key[:-2]
-                row[f"jax_{kind}_img_s"] = round(args.batch / j[key], 2)
-                row[f"torch_{kind}_img_s"] = round(args.batch / t[key], 2)
-                row[f"{kind}_speedup"] = round(t[key] / j[key], 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    import jax
+    import torch
 
+    rows, per_model_rounds = [], {}
+    for name in args.models:
+        row, per_model_rounds[name] = bench_model(name, args)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "rounds_s"}), flush=True)
+
+    summary = {}
+    # Re-attention's cost: DeepViT-16 / ViT-16 step time, per round, when both ran.
+    if {"deepvit_16b", "vit_16b"} <= set(per_model_rounds):
+        d, v = per_model_rounds["deepvit_16b"], per_model_rounds["vit_16b"]
+        for key in d[0]:
+            if key in v[0]:
+                summary[f"deepvit16_over_vit16_time_{key}"] = round(statistics.median(
+                    a[key] / b[key] for a, b in zip(d, v, strict=True)), 3)
     result = {"args": vars(args), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "rows": rows}
+              "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+              "jax_device": str(jax.devices()[0]), "rows": rows, "summary": summary}
     out = Path(args.out or REPO / "benchmarks" / "results" /
                f"vs_pytorch_{args.device}_{args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'model':<14}{'mode':<7}{'JAX img/s':>11}{'PyTorch img/s':>15}{'speed-up':>10}")
+
+    print(f"\n{'model':<15}{'runner':<32}{'img/s':>9}")
     for r in rows:
-        for kind in ("train", "infer"):
-            if f"jax_{kind}_img_s" in r:
-                print(f"{r['model']:<14}{kind:<7}{r[f'jax_{kind}_img_s']:>11}"
-                      f"{r[f'torch_{kind}_img_s']:>15}{r[f'{kind}_speedup']:>9}x")
+        for key, val in r.items():
+            if key.endswith("_img_s"):
+                print(f"{r['model']:<15}{key[:-6]:<32}{val:>9}")
+        for key, val in r.items():
+            if "_vs_" in key:
+                print(f"{r['model']:<15}{key:<32}{val:>8}x")
+    for key, val in summary.items():
+        print(f"{key}: {val}")
 
 
 if __name__ == "__main__":

@@ -318,10 +318,10 @@ class LinearPatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention, with Re-attention when ``reattention`` is True.
 
-    Returns ``(out, attn)``. With ``return_attention=True``, ``attn`` is the (B, H, N, N)
-    map that weighs the values (the softmax map for a plain block, the mixed and normalised
-    map for Re-attention), computed by the reference formulas; otherwise it is None and the
-    call runs the configured implementation (``ModelConfig.attention_impl``).
+    ``out`` comes from the configured implementation (``ModelConfig.attention_impl``).
+    ``attn`` is None unless ``return_attention=True``; then it is the (B, H, N, N) map that
+    weighs the values (the softmax map for a plain block, the mixed and normalised map for
+    Re-attention), computed for this call by the reference formulas.
     """
 
     def __init__(self, cfg: ModelConfig, *, reattention: bool, rngs: nnx.Rngs):
@@ -350,18 +350,18 @@ class Attention(nnx.Module):
         self.proj = _linear(h * hd, cfg.embed_dim, cfg, rngs)
         self.proj_drop = nnx.Dropout(cfg.drop_rate, rngs=rngs)
 
-    def _impl(self, return_attention: bool) -> str:
+    def _impl(self) -> str:
         impl = attention.resolve(self.attention_impl)
         dropout = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
-        if (return_attention or dropout
-                or (self.reattention and self.reattn_kind != "batchnorm")):
-            return "reference"  # the fold needs rows summing to 1 and BatchNorm
+        if dropout or (self.reattention and self.reattn_kind != "batchnorm"):
+            return "reference"  # the fast paths need rows summing to 1 (and BatchNorm)
         return impl
 
     def __call__(self, x, *, return_attention: bool = False):
-        impl = self._impl(return_attention)
+        impl = self._impl()
         if impl == "reference":
-            return self._reference(x)
+            out, attn = self._reference(x)
+            return out, attn if return_attention else None
         qkv = self.qkv(x)
         q, k, v = xla_attn.split_qkv(qkv, self.num_heads, self.head_dim)  # (B, H, N, hd)
         if not self.reattention:
@@ -384,7 +384,26 @@ class Attention(nnx.Module):
                 bn.mean[...] = m * bn.mean[...] + (1 - m) * mean
                 bn.var[...] = m * bn.var[...] + (1 - m) * var * (count / max(count - 1, 1))
         out = self.proj(xla_attn.merge_heads(out))
-        return self.proj_drop(out), None
+        return self.proj_drop(out), self._maps(q, k) if return_attention else None
+
+    def _maps(self, q, k):
+        """The map that weighs the values, by the reference formulas (the BatchNorm's, with
+        batch or running statistics as the mode says), without touching any state."""
+        attn = jax.nn.softmax(xla_attn.logits(q, k, self.scale), axis=-1)
+        if not self.reattention:
+            return attn
+        bn = self.reattn_norm
+        attn = ref_attn.mix_heads(self.reattn_weight[...],
+                                  None if self.reattn_bias is None else self.reattn_bias[...],
+                                  attn)
+        if bn.use_running_average:
+            mean, var = bn.mean[...], bn.var[...]
+        else:
+            mean = jnp.mean(attn, axis=(0, 2, 3))
+            var = jnp.mean(jnp.square(attn - mean[None, :, None, None]), axis=(0, 2, 3))
+        inv = jax.lax.rsqrt(var + bn.epsilon) * bn.scale[...]
+        attn = (attn - mean[None, :, None, None]) * inv[None, :, None, None]
+        return (attn + bn.bias[...][None, :, None, None]) * self.reattn_scale
 
     def _reference(self, x):
         """The paper's formulas, tokens-major (models/attention/reference.py)."""

@@ -2,7 +2,8 @@
 
 * ``reference``: the paper's einsums over a tokens-major layout (``reference.py``), the parity
   oracle. The model also falls back to it wherever a faster path does not apply: attention
-  dropout in training, vit-pytorch's LayerNorm over the head axis, ``return_attention=True``.
+  dropout in training, vit-pytorch's LayerNorm over the head axis. (``return_attention=True``
+  runs the configured implementation and computes the maps by the reference formulas.)
 * ``xla``: heads-major q, k, v; the head mixing as fused multiply-adds; train-mode
   Re-attention with BatchNorm folded into an H x H matrix and a custom VJP (``folded.py``)
   whose four passes are jnp (``xla.py``).
@@ -15,6 +16,7 @@ All functions here take heads-major q, k, v: (B, H, N, D).
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -47,21 +49,20 @@ def resolve(impl: str, backend: str | None = None) -> str:
 
 
 def pallas_passes() -> Passes:
-    """The Pallas kernels of the attention contract, imported on first use."""
+    """The Pallas kernels of the attention contract (``pallas_gpu.py`` / ``pallas_tpu.py``),
+    imported on first use. On CPU: the GPU kernel code under the Pallas interpreter (slow;
+    for tests)."""
     backend = jax.default_backend()
-    errors = []
-    for name in (f"pallas_{backend}", "pallas"):
-        try:
-            mod = importlib.import_module(f"deepvit_jax.models.attention.{name}")
-        except ImportError as e:  # not written (yet) for this backend
-            errors.append(f"{name}: {e}")
-            continue
-        fns = [getattr(mod, f, None) for f in PASS_NAMES]
-        if all(fns):
-            return Passes(*fns)
-        errors.append(f"{name}: lacks one of {list(PASS_NAMES)}")
-    raise ValueError("ModelConfig.attention_impl='pallas': no Pallas attention kernels for "
-                     f"backend {backend!r} ({'; '.join(errors)}); use attention_impl='xla'")
+    name = {"cpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+    try:
+        mod = importlib.import_module(f"deepvit_jax.models.attention.pallas_{name}")
+    except ImportError as e:
+        raise ValueError(f"ModelConfig.attention_impl='pallas': no Pallas attention kernels "
+                         f"for backend {backend!r} ({e}); use attention_impl='xla'") from None
+    fns = [getattr(mod, f) for f in PASS_NAMES]
+    if backend == "cpu":
+        fns = [functools.partial(f, interpret=True) for f in fns]
+    return Passes(*fns)
 
 
 def passes(impl: str) -> Passes:

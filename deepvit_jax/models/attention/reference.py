@@ -2,10 +2,10 @@
 
 This is the readable parity oracle every faster implementation is tested against
 (tests/test_attention.py), and the path taken whenever the fast ones do not apply
-(attention dropout in training, vit-pytorch's LayerNorm over the head axis,
-``return_attention=True``). The normalisation of the mixed map (BatchNorm or LayerNorm over
-the head axis) is a module of the model and is applied by the caller between
-:func:`mix_heads` and :func:`weigh_values`.
+(attention dropout in training, vit-pytorch's LayerNorm over the head axis). The maps that
+``return_attention=True`` returns are computed by these formulas too. The normalisation
+of the mixed map (BatchNorm or LayerNorm over the head axis) is a module of the model and
+is applied by the caller between :func:`mix_heads` and :func:`weigh_values`.
 """
 
 from __future__ import annotations

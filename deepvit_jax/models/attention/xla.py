@@ -81,13 +81,24 @@ def _dz(dout, v):
     return jnp.einsum("boid,bojd->boij", dout, v, preferred_element_type=F32)
 
 
+def _head_products(x, y):
+    """SUM over b, i, j of x[b,o,i,j] y[b,h,i,j] -> (O, H).
+
+    Written per sample, (B, H, N^2) x (B, H, N^2)^T, then summed over b: each operand is
+    contiguous along the contraction, so XLA needs no transpose. The single contraction over
+    (b, i, j) ('bhij,bgij->hg') transposes the maps first: 5x slower on the 2-core CPU."""
+    b, o, n, _ = x.shape
+    per_sample = jnp.einsum("bok,bhk->boh", x.reshape(b, o, n * n),
+                            y.reshape(b, y.shape[1], n * n), preferred_element_type=F32)
+    return jnp.sum(per_sample, axis=0)
+
+
 def reattn_stats(q, k, *, scale: float):
     """F1 -> (lse (B, H, N), gram (H, H)): gram = SUM over b, i, j of the centred maps' products."""
     s = logits(q, k, scale)
     lse = jax.nn.logsumexp(s, axis=-1)
     centred = jnp.exp(s - lse[..., None]) - 1.0 / q.shape[2]
-    gram = jnp.einsum("bhij,bgij->hg", centred, centred, preferred_element_type=F32)
-    return lse, gram
+    return lse, _head_products(centred, centred)
 
 
 def reattn_apply(q, k, v, lse, mix, shift, *, scale: float):
@@ -98,7 +109,7 @@ def reattn_apply(q, k, v, lse, mix, shift, *, scale: float):
 def reattn_bwd_stats(q, k, v, lse, dout, *, scale: float):
     """B1: dmix_c[o, h] = SUM over b, i, j of dZ_o (A_h - 1/N)."""
     centred = _maps(q, k, lse, scale) - 1.0 / q.shape[2]
-    return jnp.einsum("boij,bhij->oh", _dz(dout, v), centred, preferred_element_type=F32)
+    return _head_products(_dz(dout, v), centred)
 
 
 def reattn_bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale: float):
