@@ -180,6 +180,32 @@ def test_torch_floor(tmp_path, monkeypatch):
         conv.load_torch_file(path)
 
 
+class _Evil:
+    """A pickle that would create a file when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused(tmp_path, capsys):
+    import torch
+
+    from deepvit_jax.convert.__main__ import main
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(str(marker))}, path)
+    assert main([str(path), "--model", "deepvit_s", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "refused" in errors[0] and "system" in errors[0] and "state_dict" in errors[0]
+    assert not marker.exists() and not (tmp_path / "m").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Items 2, 3, 10: configs checked before anything runs
 # ---------------------------------------------------------------------------------------
@@ -489,7 +515,7 @@ def test_lone_process_in_a_slurm_allocation_does_not_wait(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert parallel.initialize_distributed() is False
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # under srun: initialise (or time out)
-    with pytest.raises(ConfigError, match="start-up failed.*never start.*srun"):
+    with pytest.raises(ConfigError, match=r"start-up failed.*never start.*srun"):
         parallel.initialize_distributed()
 
 

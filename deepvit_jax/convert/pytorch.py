@@ -228,6 +228,13 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, disallowed pickled classes, ...
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if "Weights only load failed" in str(e):
+            raise ConversionError(
+                f"{path}: refused: the file holds Python objects other than tensors "
+                f"({found.group(1) if found else 'a pickled global'}) that could run code "
+                "when loaded. If you trust its source, load it in PyTorch and save only its "
+                "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors") from e
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}). "

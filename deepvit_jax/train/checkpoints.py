@@ -233,6 +233,14 @@ class WorkdirLock:
         self.path = as_path(workdir) / "lock"
         self.held = False
 
+    UNREADABLE_STALE_S = 10.0
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().mtime
+        except OSError:
+            return 0.0
+
     def _owner(self) -> dict:
         try:
             return json.loads(self.path.read_text())
@@ -247,6 +255,12 @@ class WorkdirLock:
                 self.held = True
                 return
             owner = self._owner()
+            if not owner and self._age() > self.UNREADABLE_STALE_S:
+                # Killed between creating the file and writing it.
+                log.warning("workdir lock %s is empty or unreadable and %.0f s old: taking "
+                            "it over", self.path, self._age())
+                self.path.unlink(missing_ok=True)
+                continue
             if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
                     and not _pid_alive(owner["pid"]):
                 log.warning("workdir lock %s: its run (pid %d on this host) is gone; taking "
