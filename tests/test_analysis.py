@@ -62,6 +62,10 @@ def test_cross_layer_similarity_matches_numpy_eq2():
                                np.diag(want, 1), atol=1e-5)
     np.testing.assert_allclose(np.asarray(analysis.inter_head_similarity(maps)),
                                _heads_numpy(maps), atol=1e-5)
+    # centred: Eq. 2 on columns minus their mean over the queries (a correlation)
+    centred = [m - m.mean(axis=-2, keepdims=True) for m in maps]
+    np.testing.assert_allclose(np.asarray(analysis.cross_layer_similarity(maps, center=True)),
+                               _eq2_numpy(centred), atol=1e-5)
     # stacked input gives the same
     np.testing.assert_allclose(np.asarray(analysis.cross_layer_similarity(np.stack(maps))),
                                got, atol=1e-7)
@@ -83,6 +87,15 @@ def test_hand_made_cases():
     # opposite sign -> -1
     np.testing.assert_allclose(np.asarray(analysis.cross_layer_similarity([eye, -eye]))[0, 1],
                                -1, atol=1e-6)
+    # uniform maps carry no pattern once centred: 0, whereas two different patterns plus
+    # the same large uniform part have a cosine near 1 but a correlation of 0
+    assert np.asarray(analysis.cross_layer_similarity([uni, uni], center=True))[0, 1] == 0
+    a = (eye + 10.0)
+    b = (perm + 10.0)
+    assert np.asarray(analysis.cross_layer_similarity([a, b]))[0, 1] > 0.99
+    np.testing.assert_allclose(
+        np.asarray(analysis.cross_layer_similarity([a, b], center=True))[0, 1], -1 / 3,
+        atol=1e-5)
     # an all-zero column counts as 0, not NaN
     zero = np.zeros_like(eye)
     assert np.asarray(analysis.cross_layer_similarity([eye, zero]))[0, 1] == 0

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 "middle, last)")
     p.add_argument("--image", type=int, default=0, help="which image to draw the maps over")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--center", action="store_true",
+                   help="centre each column before the cosine (correlation; a control for "
+                        "comparing softmax maps with Re-attention's normalised maps)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from deepvit_jax.errors import run_cli
@@ -109,7 +112,7 @@ def _run(args) -> None:
         r, model, images = analyse_checkpoint(
             src, ema=args.ema, num_images=args.num_images, dataset=args.dataset,
             split=args.split, data_dir=args.data_dir, k=args.k, threshold=args.threshold,
-            batch_size=args.batch_size, return_model=True)
+            batch_size=args.batch_size, center=args.center, return_model=True)
         results[name] = r
         d = r["depth"]
         blocks = args.blocks or sorted({0, d // 2, d - 1})
@@ -121,7 +124,7 @@ def _run(args) -> None:
             figures[name] = (one, collect_maps(model, one), blocks, cfg.mean, cfg.std)
     os.makedirs(out, exist_ok=True)
     evaluate.write_json(os.path.join(out, "similarity.json"),
-                        {"k": args.k, "threshold": args.threshold,
+                        {"k": args.k, "threshold": args.threshold, "centered": args.center,
                          "num_images": args.num_images, "results": results})
     plot_similarity(results, os.path.join(out, "similarity.png"))
     for name, (one, maps, blocks, mean, std) in figures.items():

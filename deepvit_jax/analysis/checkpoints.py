@@ -30,7 +30,7 @@ def analyse_checkpoint(path: str, *, step: int | None = None, ema: bool = False,
                        num_images: int = 64, dataset: str | None = None,
                        split: str | None = None, data_dir: str | None = None, k: int = 1,
                        threshold: float = sim.DEFAULT_THRESHOLD, batch_size: int = 32,
-                       return_model: bool = False):
+                       center: bool = False, return_model: bool = False):
     """:func:`~deepvit_jax.analysis.analyse` of the weights at ``path`` over the first
     ``num_images`` images of the split (the run's eval split for a training checkpoint;
     ``dataset`` is required for a model directory), plus what was analysed. With
@@ -41,7 +41,8 @@ def analyse_checkpoint(path: str, *, step: int | None = None, ema: bool = False,
     config = evaluate.eval_config(loaded, dataset=dataset, split=split, data_dir=data_dir)
     model = loaded.model(ema=ema)
     images, _ = load_images(config.data, loaded.model_cfg, num_images)
-    result = analyse(model, images, k=k, threshold=threshold, batch_size=batch_size)
+    result = analyse(model, images, k=k, threshold=threshold, batch_size=batch_size,
+                     center=center)
     result = {"checkpoint": loaded.source.path, "step": loaded.source.step, "ema": bool(ema),
               "model": loaded.model_cfg.name,
               "reattn_blocks": list(loaded.model_cfg.reattn_indices),

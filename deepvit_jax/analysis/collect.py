@@ -33,7 +33,7 @@ def collect_maps(model, images, *, batch_size: int = 32) -> list[np.ndarray]:
     return [np.concatenate([np.asarray(c[p]) for c in chunks]) for p in range(len(chunks[0]))]
 
 
-def _stats_fn(model):
+def _stats_fn(model, center: bool):
     """A jitted ``images -> (D x D similarity, D x H x H inter-head)`` batch means."""
     import jax
     from flax import nnx
@@ -44,13 +44,14 @@ def _stats_fn(model):
     @jax.jit
     def stats(state, images):
         _, maps = nnx.merge(graphdef, state)(images, return_attention=True)
-        return sim.cross_layer_similarity(maps), sim.inter_head_similarity(maps)
+        return (sim.cross_layer_similarity(maps, center),
+                sim.inter_head_similarity(maps, center))
 
     return lambda images: stats(state, images)
 
 
 def analyse(model, images, *, k: int = 1, threshold: float = sim.DEFAULT_THRESHOLD,
-            batch_size: int = 32) -> dict:
+            batch_size: int = 32, center: bool = False) -> dict:
     """The collapse measures of ``model`` over ``images`` (batch by batch; the maps never
     leave the device), as a JSON-ready dict:
 
@@ -59,9 +60,12 @@ def analyse(model, images, *, k: int = 1, threshold: float = sim.DEFAULT_THRESHO
     * ``similar_blocks``: how many of those are >= ``threshold``;
     * ``inter_head``: D x H x H head-to-head similarity within each block, and
       ``inter_head_mean``: its mean off the diagonal per block.
+
+    ``center``: columns centred first (correlation instead of cosine; see
+    :mod:`~deepvit_jax.analysis.similarity`).
     """
     model.check_input(images[:1])
-    fn = _stats_fn(model)
+    fn = _stats_fn(model, center)
     cross = heads = None
     n = 0
     for s in range(0, len(images), batch_size):
@@ -73,7 +77,8 @@ def analyse(model, images, *, k: int = 1, threshold: float = sim.DEFAULT_THRESHO
         n += w
     if not n:
         raise ValueError("analyse: no images")
-    return summarise(cross / n, heads / n, k=k, threshold=threshold, num_images=n)
+    out = summarise(cross / n, heads / n, k=k, threshold=threshold, num_images=n)
+    return {**out, "centered": bool(center)}
 
 
 def summarise(cross, heads, *, k: int, threshold: float, num_images: int) -> dict:

@@ -63,10 +63,11 @@ def plot_similarity(results: Mapping[str, dict], path: str | None = None, *,
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    low = min(0.0, *(float(np.min(results[label]["cross_layer"])) for label in labels))
     for i, label in enumerate(labels):
         ax = fig.add_subplot(grid[1, i])
         m = np.asarray(results[label]["cross_layer"])
-        im = ax.imshow(m, vmin=min(0.0, float(m.min())), vmax=1, cmap="viridis")
+        im = ax.imshow(m, vmin=low, vmax=1, cmap="viridis")  # one scale for all
         ax.set(title=f"{label}: M(p, q)", xlabel="block q", ylabel="block p")
         fig.colorbar(im, ax=ax, shrink=0.8)
     if title:

@@ -11,6 +11,11 @@ between two heads of one block gives :func:`inter_head_similarity`. Every functi
 the maps as a sequence of (B, H, N, N) arrays, one per block, as ``model(images,
 return_attention=True)`` returns them, or as one stacked (D, B, H, N, N) array, and works
 inside ``jax.jit``.
+
+``center=True`` subtracts each column's mean over the queries first (a Pearson correlation
+instead of Eq. 2's cosine): a control for comparing positive softmax maps, whose shared
+uniform part alone gives a high cosine, with Re-attention's BatchNorm-normalised maps,
+which are centred by construction.
 """
 
 from __future__ import annotations
@@ -34,32 +39,35 @@ def _stack(maps) -> jnp.ndarray:
     return maps
 
 
-def unit_columns(maps) -> jnp.ndarray:
-    """(D, B, H, N, N) maps with every column (query axis, -2) scaled to unit length."""
+def unit_columns(maps, center: bool = False) -> jnp.ndarray:
+    """(D, B, H, N, N) maps with every column (query axis, -2) scaled to unit length
+    (``center``: minus its mean first)."""
     maps = _stack(maps)
+    if center:
+        maps = maps - jnp.mean(maps, axis=-2, keepdims=True)
     norm = jnp.sqrt(jnp.sum(maps * maps, axis=-2, keepdims=True))
     return maps / jnp.maximum(norm, EPS)
 
 
-def cross_layer_similarity(maps) -> jnp.ndarray:
+def cross_layer_similarity(maps, center: bool = False) -> jnp.ndarray:
     """The (D, D) matrix of Eq. 2's M^{p,q}, averaged over images, heads and tokens."""
-    u = unit_columns(maps)
+    u = unit_columns(maps, center)
     _, b, h, _, n = u.shape
     return jnp.einsum("pbhit,qbhit->pq", u, u) / (b * h * n)
 
 
-def adjacent_similarity(maps) -> jnp.ndarray:
+def adjacent_similarity(maps, center: bool = False) -> jnp.ndarray:
     """(D - 1,) M^{p,p+1} only (the diagonal above the main one of
     :func:`cross_layer_similarity`), without forming the D x D matrix."""
-    u = unit_columns(maps)
+    u = unit_columns(maps, center)
     _, b, h, _, n = u.shape
     return jnp.einsum("pbhit,pbhit->p", u[:-1], u[1:]) / (b * h * n)
 
 
-def inter_head_similarity(maps) -> jnp.ndarray:
+def inter_head_similarity(maps, center: bool = False) -> jnp.ndarray:
     """(D, H, H): within each block, the cosine between head g's and head h's columns,
     averaged over images and tokens (the diagonal is 1 wherever the columns are non-zero)."""
-    u = unit_columns(maps)
+    u = unit_columns(maps, center)
     _, b, _, _, n = u.shape
     return jnp.einsum("pbgit,pbhit->pgh", u, u) / (b * n)
 
