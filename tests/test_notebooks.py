@@ -182,6 +182,16 @@ def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
     assert "README of https://github.com/zhoudaquan/dvit_repo" in out[5]
     assert len(out) == 6  # one line each
 
+    # The recipe of each runtime Colab offers; a TPU the installed JAX cannot use is named.
+    assert colab._config_arg("tpu", "TPU v5 lite", 1) == "tpu_v5e1"
+    assert colab._config_arg("tpu", "TPU v2", 8) == "tpu_v2_8"
+    assert colab._config_arg("gpu", "Tesla T4", 1) == "gpu"
+    monkeypatch.setattr(colab.glob, "glob", lambda pattern: ["/dev/accel0"])
+    colab.detect_runtime()
+    line = capsys.readouterr().out
+    assert "has a TPU that JAX does not see: install the matching JAX (jax[tpu])" in line
+    assert line.count("\n") == 1
+
     # The lock of a runtime that disconnected (another host) is taken over, saying so; the
     # lock of a run on this host is the training loop's to judge.
     run = tmp_path / "run"
