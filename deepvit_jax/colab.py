@@ -91,9 +91,7 @@ def detect_runtime(verbose: bool = True) -> Runtime:
     import jax
 
     devices = jax.devices()
-    platform = devices[0].platform
-    if platform not in ("tpu", "gpu"):
-        platform = "cpu" if platform == "cpu" else platform
+    platform = devices[0].platform  # 'tpu', 'gpu' (CUDA / ROCm) or 'cpu'
     kind = getattr(devices[0], "device_kind", platform)
     rt = Runtime(platform, kind, len(devices), _config_arg(platform, kind, len(devices)))
     if verbose:
@@ -101,9 +99,10 @@ def detect_runtime(verbose: bool = True) -> Runtime:
             say(f"runtime: {rt}, jax {jax.__version__}; configs/colab.py:{rt.config_arg}")
         else:
             unused = _unused_accelerator()
-            fix = (f"this machine has a {unused} that JAX does not see: install the matching "
-                   f"JAX ({'jax[tpu]' if unused == 'TPU' else 'jax[cuda12]'}) and restart "
-                   f"the runtime" if unused else
+            how = ("pip install -U 'jax[tpu]'" if unused == "TPU" else
+                   "the CUDA build, https://docs.jax.dev/en/latest/installation.html")
+            fix = (f"this machine has a {unused} that JAX does not see: install JAX for it "
+                   f"({how}) and restart the runtime" if unused else
                    "for full size pick Runtime > Change runtime type > TPU or GPU")
             say(f"runtime: no accelerator, running on CPU at small size "
                 f"(configs/colab.py:cpu_small); {fix}")

@@ -189,7 +189,8 @@ def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(colab.glob, "glob", lambda pattern: ["/dev/accel0"])
     colab.detect_runtime()
     line = capsys.readouterr().out
-    assert "has a TPU that JAX does not see: install the matching JAX (jax[tpu])" in line
+    assert "has a TPU that JAX does not see: install JAX for it (pip install -U 'jax[tpu]')" \
+        in line
     assert line.count("\n") == 1
 
     # The lock of a runtime that disconnected (another host) is taken over, saying so; the
