@@ -15,11 +15,11 @@ The argument is ``RUNTIME[,DATASET]``:
 =============  ==================================================================
 
 Datasets (all download through TFDS on first use, except digits which ships with the package):
-``imagenette`` (``imagenette/160px``, 10 ImageNet classes, 9,469 / 3,925 images; default),
+``imagenette`` (``imagenette/160px-v2``, 10 ImageNet classes, 9,469 / 3,925 images; default),
 ``oxford_flowers102`` (102 classes; trains on ``train+validation`` = 2,040 images and
 evaluates on the 6,149 ``test`` images; from scratch a ViT learns little from 2,040 images,
 imagenette is the better demonstration) and ``digits`` (the embedded set, for CI and
-``cpu_small``). Download first: ``python -m deepvit_jax.data prepare imagenette/160px``.
+``cpu_small``). Download first: ``python -m deepvit_jax.data prepare imagenette/160px-v2``.
 
 The recipe is the official one (AdamW, warm-up + cosine, RandAugment, random erasing,
 mixup / cutmix, label smoothing) scaled to a small dataset: learning rate 5e-4 x batch / 512
@@ -44,7 +44,7 @@ RUNTIMES = {
 
 # Dataset -> TFDS name, splits, training images (for the cadence), epochs at full size.
 DATASETS = {
-    "imagenette": {"dataset": "imagenette/160px", "train_split": "train",
+    "imagenette": {"dataset": "imagenette/160px-v2", "train_split": "train",
                    "eval_split": "validation", "num_train": 9469, "epochs": 100},
     "oxford_flowers102": {"dataset": "oxford_flowers102", "train_split": "train+validation",
                           "eval_split": "test", "num_train": 2040, "epochs": 300},

@@ -148,7 +148,7 @@ def test_colab_configs_fit_their_runtime():
             if runtime.startswith("tpu"):
                 assert mcfg.dtype == "bfloat16"
     # the default dataset is imagenette; the digits recipe is configs/default.py's model
-    assert mod.get_config("gpu").data.dataset == "imagenette/160px"
+    assert mod.get_config("gpu").data.dataset == "imagenette/160px-v2"
     d = mod.get_config("cpu_small,digits")
     assert (d.model.depth, d.model.embed_dim, d.data.randaugment) == (4, 64, "")
     with pytest.raises(ValueError, match=r"configs/colab\.py:tpu_v9.*unknown runtime"):
