@@ -40,17 +40,23 @@ def test_timm_vit_to_vit_and_deepvit():
     assert (cfg.depth, cfg.embed_dim, cfg.hidden_dim, cfg.patch_size, cfg.image_size,
             cfg.reattn_indices) == (4, 48, 192, 8, 32, ())
     got_plain = np.asarray(plain(xj))
-    np.testing.assert_allclose(got_plain, want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got_plain, want, rtol=0, atol=1e-5)
     assert np.abs(want).max() > 0.1
 
     deep = from_pytorch(sd, source="timm", num_heads=3, reattn_blocks=(1, 3))
     assert deep.config.reattn_indices == (1, 3)
     got_deep, maps = deep(xj, return_attention=True)
-    np.testing.assert_allclose(np.asarray(got_deep), want, rtol=0, atol=1e-4)
-    # identity Re-attention is exact in float32, not just close: same numbers as the ViT
-    np.testing.assert_array_equal(np.asarray(got_deep), got_plain)
+    np.testing.assert_allclose(np.asarray(got_deep), want, rtol=0, atol=1e-5)
+    # identity Re-attention is exact in float32, not just close: with the reference
+    # attention (the formulas), the same numbers as the ViT, maps and logits
+    plain_ref = from_pytorch(sd, source="timm", num_heads=3, attention_impl="reference")
+    deep_ref = from_pytorch(sd, source="timm", num_heads=3, reattn_blocks=(1, 3),
+                            attention_impl="reference")
+    np.testing.assert_array_equal(np.asarray(deep_ref(xj)), np.asarray(plain_ref(xj)))
     _, plain_maps = plain(xj, return_attention=True)
     np.testing.assert_array_equal(np.asarray(maps[1]), np.asarray(plain_maps[1]))
+    # the default (folded) attention computes in another order: equal to rounding
+    np.testing.assert_allclose(np.asarray(deep(xj)), got_plain, rtol=0, atol=2e-6)
 
     # the DeepViT goes out in the official layout and the official reference computes the
     # ViT's logits too (Theta = I, BN with var = 1 - eps)
@@ -61,7 +67,26 @@ def test_timm_vit_to_vit_and_deepvit():
                                   depth=4, num_heads=3, mlp_ratio=4.0, reattn=(1, 3))
     ref.load_state_dict(back, strict=True)
     with torch.no_grad():
-        np.testing.assert_allclose(ref.eval()(x).numpy(), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(ref.eval()(x).numpy(), want, rtol=0, atol=1e-5)
+
+    # train mode: the added BatchNorms normalise with batch statistics, as the official
+    # model does with the same weights (logits and the moved running statistics); the
+    # network then differs from the ViT, as any freshly added BatchNorm makes it
+    for impl in ("reference", "auto"):
+        ref.load_state_dict(back, strict=True)
+        with torch.no_grad():
+            want_train = ref.train()(x).numpy()
+        model = from_pytorch(sd, source="timm", num_heads=3, reattn_blocks=(1, 3),
+                             attention_impl=impl)
+        model.train()
+        got_train = np.asarray(model(xj))
+        np.testing.assert_allclose(got_train, want_train, rtol=0, atol=1e-5, err_msg=impl)
+        assert np.abs(want_train - want).max() > 1e-2
+        moved = to_pytorch(model)
+        for k in ("blocks.1.attn.var_norm.running_mean", "blocks.3.attn.var_norm.running_var"):
+            assert not torch.equal(moved[k], back[k])
+            np.testing.assert_allclose(moved[k].numpy(), ref.state_dict()[k].numpy(),
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{impl}: {k}")
 
 
 def test_identity_reattention_is_exact():

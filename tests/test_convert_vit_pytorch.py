@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("einops")
@@ -53,8 +54,17 @@ def test_vit_pytorch_parity(shape):
     with torch.no_grad():
         want = ref(x).numpy()
     got = np.asarray(model(x.permute(0, 2, 3, 1).numpy()))
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert np.abs(want).max() > 0.1
+
+    # vit-pytorch's eps, 1e-5 for every LayerNorm (tokens and the head axis); the head-axis
+    # variance is small, so eps 1e-6 there would move the logits
+    assert (cfg.ln_eps, cfg.reattn_norm_eps) == (1e-5, 1e-5)
+    lns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.LayerNorm)]
+    assert len(lns) == 2 * depth + 3 + depth and all(m.epsilon == 1e-5 for m in lns)
+    if shape == SHAPES[0]:
+        other = from_pytorch(sd, pool=pool, reattn_norm_eps=1e-6)
+        assert np.abs(np.asarray(other(x.permute(0, 2, 3, 1).numpy())) - want).max() > 1e-3
 
     # the other pooling gives different logits: the flag matters
     other = from_pytorch(sd, pool="mean" if pool == "cls" else "cls")
