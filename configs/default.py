@@ -40,7 +40,7 @@ def get_config():
     c.eval.bn_recalibration_batches = 10
     c.log_every_steps = 20
     # Attention collapse (similarity of each block's maps to the next) on 32 eval images:
-    # ~0.3% of the training time at this cadence (benchmarks/collapse_overhead.py).
+    # ~0.2% of the training time at this cadence (benchmarks/collapse_overhead.py).
     c.collapse_every_steps = 20
     c.eval.every_steps = 110
     c.checkpoint.every_steps = 110
