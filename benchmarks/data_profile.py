@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import io
 import json
 import os
 import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
 
 
 def _sibling(name: str):
@@ -142,6 +145,81 @@ def step_cost(model_name: str, batch: int, steps: int, out: str):
     _write(out, record)
 
 
+def grain_vs_tfdata(num_images: int, size: int, repeats: int, out: str):
+    """Per-core CPU time per image of the same work through grain (in-process MapDataset, as
+    ``grain.MapDataset.source(...).map(...)``) and through tf.data, plus grain's own
+    per-element cost on the PIL floor work.  Needs ``pip install grain`` (not a dependency of
+    the package)."""
+    try:
+        import grain.python as grain
+    except ImportError:
+        raise SystemExit("--grain needs the grain package: pip install grain") from None
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from deepvit_jax.data import augment as A
+    from deepvit_jax.data.config import default_data_config
+
+    throughput = _sibling("data_throughput")
+    jpegs = throughput.make_jpegs(num_images, (500, 375))
+    stream = 4
+    n = len(jpegs)
+    results = {}
+
+    def pil_work(data):
+        from PIL import Image
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+            (size, size), Image.BILINEAR))
+
+    for label, dev in (("full_recipe", False), ("host_part_device_augment", True)):
+        cfg = default_data_config()
+        cfg.device_augment = dev
+        fn = A.make_train_augment(cfg, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+        graph_fn = tf.function(fn, autograph=False, input_signature=[
+            tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)])
+
+        def grain_map(i_data, graph_fn=graph_fn):
+            i, data = i_data
+            return graph_fn(tf.constant(data), tf.constant([7, i], tf.int64)).numpy()
+
+        gds = grain.MapDataset.source(list(enumerate(jpegs)) * stream).map(grain_map)
+        tf_ds = throughput.tf_stream(jpegs, fn, stream)
+        best_g = best_t = 0.0
+        for _ in range(repeats):
+            t = time.process_time()
+            for _ in gds:
+                pass
+            best_g = max(best_g, n * stream / (time.process_time() - t))
+            best_t = max(best_t, throughput.bench_tf(tf_ds, n * stream))
+        results[f"{label}_grain_img_per_cpu_s"] = round(best_g, 1)
+        results[f"{label}_tfdata_img_per_cpu_s"] = round(best_t, 1)
+    gpil = grain.MapDataset.source(jpegs).map(pil_work)
+    best_g = best_p = 0.0
+    for _ in range(repeats):
+        t = time.process_time()
+        for _ in gpil:
+            pass
+        best_g = max(best_g, n / (time.process_time() - t))
+        t = time.process_time()
+        for data in jpegs:
+            pil_work(data)
+        best_p = max(best_p, n / (time.process_time() - t))
+    results["pil_floor_grain_img_per_cpu_s"] = round(best_g, 1)
+    results["pil_floor_plain_loop_img_per_cpu_s"] = round(best_p, 1)
+    record = {"benchmark": "data_grain_vs_tfdata", "num_images": n, "repeats": repeats,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "grain": getattr(grain, "__version__", "?"),
+              "note": "one thread (TF intra/inter-op 1), CPU time, 500x375 JPEGs, 4 passes per "
+                      "stream; the tf.data rows are one stream consumed in C++; the grain "
+                      "rows call the same TF graph once per example from Python (grain "
+                      "transforms are Python callables); a loaded 2-core "
+                      "machine: compare rows of one run",
+              "results": results}
+    print(json.dumps(record, indent=1))
+    _write(out, record)
+
+
 def _write(path, record):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -163,7 +241,12 @@ def main(argv=None):
                         "on-device augmentation -> results/data_device_augment_step.json")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--grain", action="store_true",
+                   help="instead: grain vs tf.data on the same work -> results/data_grain.json")
     args = p.parse_args(argv)
+    if args.grain:
+        return grain_vs_tfdata(args.num_images, args.image_size, args.repeats, os.path.join(
+            os.path.dirname(args.out), "data_grain.json"))
     if args.step_cost:
         return step_cost(args.step_cost, args.batch, args.steps, os.path.join(
             os.path.dirname(args.out), "data_device_augment_step.json"))
