@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet TensorFlow, float32 everywhere."""
+"""Shared test set-up: quiet TensorFlow, float32 everywhere, and under CI a test that skips
+because a dependency cannot be imported is a failure (the dev extras must be installed)."""
 
 import os
 
@@ -6,11 +7,37 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+MISSING_IMPORT = "could not import"  # the reason pytest.importorskip gives
+
 
 @pytest.fixture(autouse=True)
 def _highest_matmul_precision():
-    """Parity tests compare with PyTorch at 1e-4: use full-precision matmuls on any backend."""
+    """Parity tests compare with PyTorch at 1e-5: use full-precision matmuls on any backend."""
     import jax
 
     with jax.default_matmul_precision("highest"):
         yield
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _fail_missing_import(report):
+    if report.skipped and _in_ci() and MISSING_IMPORT in str(report.longrepr):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"CI=true: {reason}. A dependency the tests need is missing: "
+                           "pip install -e '.[dev]' (and vit-pytorch, see .ci/run)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_import(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_import(outcome.get_result())

@@ -193,7 +193,7 @@ def test_one_vs_eight_devices_same_loss_curve(tmp_path, data_dir):
     keys = [k for k in s1 if k.startswith("params/")]
     v1 = np.concatenate([s1[k].ravel() for k in keys])
     v8 = np.concatenate([s8[k].ravel() for k in keys])
-    assert np.linalg.norm(v8 - v1) / np.linalg.norm(v1) < 1e-2  # measured: 1.9e-3
+    assert np.linalg.norm(v8 - v1) / np.linalg.norm(v1) < 5e-3  # measured: 1.9e-3
 
 
 def _free_port():

@@ -67,12 +67,21 @@ def test_predict_images_and_npy(model_dir, tmp_path, capsys):
     np.testing.assert_allclose(logits[0], ref[0], atol=0.05 * np.abs(ref).max())
     assert np.argmax(logits[0]) == np.argmax(ref[0])
 
-    # top-5 printed with names, best first, matching the logits
+    # top-5 printed for each image with names and probabilities, best first, matching the
+    # saved logits (softmax and ranking recomputed here in float64)
     lines = printed.splitlines()
-    assert lines[0] == f"{cat}:" and len([ln for ln in lines if ln.startswith("  ")]) == 10
-    best = int(np.argmax(logits[0]))
-    wnid, name = predict.imagenet_classes()[best]
-    assert f"{name} ({wnid})  [{best}]" in lines[1]
+    classes = predict.imagenet_classes()
+    for n, path in enumerate((cat, coffee)):
+        block = lines[6 * n: 6 * n + 6]
+        assert block[0] == f"{path}:"
+        z = logits[n].astype(np.float64)
+        prob = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        order = np.argsort(-z)[:5]
+        for rank, i in enumerate(order, 1):
+            wnid, name = classes[i]
+            assert block[rank] == f"  {rank}. {prob[i]:6.2%}  {name} ({wnid})  [{i}]", \
+                (rank, block)
+    assert len([ln for ln in lines if ln.startswith("  ")]) == 10
 
     # a .npy batch of preprocessed images gives the same logits
     images, _labels = predict.load_inputs([str(cat), str(coffee)], model.config)
