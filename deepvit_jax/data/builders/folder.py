@@ -149,9 +149,29 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
             rel = os.path.relpath(path, self._root)
             yield rel, {"image": data, "label": cls, "file_name": rel}
         self.skipped[split] = skipped
+        if skipped == len(items):  # instead of TFDS's bare "No examples were yielded"
+            raise EmptySplitError(
+                f"image folder {str(self._root)!r}: none of the {len(items)} image file(s) of "
+                f"split {split!r} can be decoded (e.g. {items[0][0]}); fix or remove them "
+                "(see the warnings above)")
         if skipped:
             log.warning("split %r: skipped %d undecodable image(s) of %d", split, skipped,
                         len(items))
+
+
+class EmptySplitError(ValueError):
+    """Every image file of a split is undecodable."""
+
+
+def _cause(exc: BaseException | None, kind: type) -> BaseException | None:
+    """``exc`` or the exception it was raised from / during (TFDS re-raises with context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def prepare_folder(root, data_dir) -> tuple[Path, dict[str, int]]:
@@ -164,7 +184,17 @@ def prepare_folder(root, data_dir) -> tuple[Path, dict[str, int]]:
         log.info("%s changed since it was prepared: preparing it again", root)
         shutil.rmtree(path)
     builder = ImageFolderBuilder(root=root, data_dir=str(data_dir))
-    builder.download_and_prepare()
+    parent = Path(data_dir) / "image_folder"
+    before = set(parent.iterdir()) if parent.is_dir() else set()
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        empty = _cause(e, EmptySplitError)
+        if empty is None:
+            raise
+        for leftover in (set(parent.iterdir()) - before) if parent.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)  # this attempt's incomplete output
+        raise ValueError(str(empty)) from None
     path = Path(builder.data_dir)
     (path / SOURCE_FILE).write_text(json.dumps(
         {"root": str(Path(root).expanduser().resolve()), "fingerprint": now}))
