@@ -200,7 +200,9 @@ def test_folded_vjp_matches_autodiff_of_batchnorm():
         assert rel_err(a, bb) <= RTOL, (name, rel_err(a, bb))
 
 
-def test_xla_mixing_forms_agree():
+@pytest.mark.parametrize("form", ["einsum", "fma"])
+def test_xla_mixing_forms_agree(form, monkeypatch):
+    monkeypatch.setattr(xla, "MIXING", form)
     maps = jax.random.uniform(jax.random.key(0), (2, 4, 6, 6))
     mix = jax.random.normal(jax.random.key(1), (4, 4))
     want = np.einsum("oh,bhij->boij", np.asarray(mix, np.float64), np.asarray(maps, np.float64))

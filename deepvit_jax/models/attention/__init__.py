@@ -35,10 +35,13 @@ XLA_PASSES = Passes(xla.reattn_stats, xla.reattn_apply, xla.reattn_bwd_stats, xl
 def resolve(impl: str, backend: str | None = None) -> str:
     """'auto' -> the implementation to use on ``backend`` (default: JAX's default backend).
 
-    CPU: 'xla' (benchmarks/attention.py: ~3-5x faster than the reference per block). GPU and
-    TPU: 'xla' as well until ``bash benchmarks/gpu.sh`` has measured the Pallas kernels on the
-    hardware (they are tested in interpret mode only); ask for ``attention_impl='pallas'``
-    to use them.
+    CPU: 'xla' (faster than the reference per block and end to end: benchmarks/attention.py,
+    benchmarks/vs_pytorch.py, README). GPU and TPU: 'xla' as well (plain blocks take cuDNN
+    flash attention where eligible) until ``bash benchmarks/gpu.sh`` has measured the Pallas
+    kernels on the hardware (they are tested in interpret mode only); ask for
+    ``attention_impl='pallas'`` to use them. The Pallas path has no shard_map yet (per-shard
+    kernels with a psum of the H x H statistics between the passes): under a sharded batch
+    use 'xla', whose H x H sums XLA makes global.
     """
     if impl not in IMPLS:
         raise ValueError(f"ModelConfig.attention_impl: {impl!r} is not one of {IMPLS}")
