@@ -91,7 +91,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--stream", type=int, default=4, help="passes over the images per stream")
+    p.add_argument("--stream", type=int, default=8, help="passes over the images per stream")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "data_throughput.json"))
