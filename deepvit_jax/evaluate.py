@@ -443,13 +443,13 @@ def default_output(r: dict) -> str:
     return f"eval-{name}{'-ema' if r['ema'] else ''}-{r['dataset']}-{r['split']}.json"
 
 
-def check_output(out: str, inputs: list[str]) -> str:
+def check_output(out: str, inputs: list[str], flag: str = "--output") -> str:
     """``out`` as an absolute path, refused when it is or lies inside an input."""
     out = os.path.abspath(out)
     for p in inputs:
         p = os.path.abspath(p)
         if out == p or out.startswith(p.rstrip(os.sep) + os.sep):
-            raise CheckpointError(f"--output {out} would write into the input {p}; choose a "
+            raise CheckpointError(f"{flag} {out} would write into the input {p}; choose a "
                                   f"path outside it")
     return out
 
@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     add_distributed_flags(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # Orbax's notes on opening checkpoints read-only are not the user's concern.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
     from deepvit_jax import parallel
     from deepvit_jax.errors import run_cli

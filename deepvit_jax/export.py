@@ -50,7 +50,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
     directory ``out``; returns its absolute path."""
     from deepvit_jax.checkpoint import save_model
 
-    out = check_output(out, [workdir])
+    out = check_output(out, [workdir], "--out")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists; choose another path or pass "
                               f"--overwrite to replace it")
@@ -59,7 +59,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
         raise CheckpointError(f"{loaded.source.path} is already a model directory; export "
                               f"reads training checkpoints (copy the directory instead)")
     for p in (loaded.source.path, loaded.source.checkpoints_dir):
-        check_output(out, [p])
+        check_output(out, [p], "--out")
     params, stats = loaded.weights(ema)
     if bn_recalibrate:
         config = eval_config(loaded, bn_recalibrate=bn_recalibrate)
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     add_distributed_flags(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # Orbax's notes on opening checkpoints read-only are not the user's concern.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
     from deepvit_jax import parallel
     from deepvit_jax.errors import run_cli

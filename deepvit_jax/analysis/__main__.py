@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         "comparing softmax maps with Re-attention's normalised maps)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # Orbax's notes on opening checkpoints read-only are not the user's concern.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     from deepvit_jax.errors import run_cli
 
     return run_cli(lambda: _run(args), input_errors=(ValueError,))
@@ -97,7 +99,7 @@ def _run(args) -> None:
         raise ConfigError(f"--labels has {len(labels)} names for {len(args.paths)} paths")
     if not 0 <= args.image < args.num_images:
         raise ConfigError(f"--image {args.image}: must be below --num-images {args.num_images}")
-    out = evaluate.check_output(args.out, args.paths)
+    out = evaluate.check_output(args.out, args.paths, "--out")
     jobs = []  # (label, source)
     for i, path in enumerate(args.paths):
         steps = args.steps or [None]
