@@ -67,7 +67,12 @@ class Aborted(DeepViTError):
 def one_line(message: object) -> str:
     """``message`` on one line (multi-line details joined with '; ')."""
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    return "; ".join(lines) if lines else "no detail"
+    if not lines:
+        return "no detail"
+    out = lines[0]
+    for ln in lines[1:]:  # "Run:\n  command" reads as "Run: command"
+        out += (" " if out.endswith(":") else "; ") + ln
+    return out
 
 
 def exit_code(exc: BaseException, input_errors: tuple[type[BaseException], ...] = ()) -> int:

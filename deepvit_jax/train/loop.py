@@ -251,6 +251,8 @@ def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]
     last_eval: dict[str, float] = {}
 
     def stop(step: int, *, eval_pending: bool = False) -> None:
+        nonlocal last_eval
+        last_eval = {}  # preempted: no final metrics to report
         meter.check()
         run.save(step, eval_pending=eval_pending)
         run.checkpointer.wait()
