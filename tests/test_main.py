@@ -202,27 +202,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_run(tmp_path, data_dir):
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        cmd = _cmd(tmp_path, data_dir, "--config.total_steps=6", "--config.eval.every_steps=6",
-                   "--config.eval.batch_size=64", f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={pid}")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    rows = _metrics(tmp_path)  # written by process 0 only: one row per step, no duplicates
-    train_steps = [r["step"] for r in rows if "train/loss" in r]
-    assert train_steps == list(range(1, 7))
-    evals = [r for r in rows if "eval/top1" in r]
-    assert len(evals) == 1 and evals[0]["eval/count"] == 360  # each image once, both halves
-    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-    step, state = _final_state(tmp_path)
-    assert step == 6 and int(state["step"]) == 6
+# The 2-process run (SIGTERM to one process stops both, then a 2-process resume with one
+# evaluation over every image): tests/test_multiprocess.py.
 
 
 def _wait_for(path, proc, timeout=200):

@@ -290,8 +290,8 @@ def test_remat_gives_the_same_logits_and_gradients():
     (l1, g1), (l2, g2) = logits_and_grads(tiny()), logits_and_grads(tiny(remat=True))
     np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=0, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        # another compiled program: float32 rounding (measured 1.4e-6, 1e-5 relative)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+        # another compiled program: float32 rounding (measured up to 2e-6, 4.5e-5 relative)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     # (test_train.py::test_remat_step_recomputes_the_forward_pass: the compiled step.)
 
 
