@@ -60,14 +60,22 @@ def test_missing_manual_dir_names_the_files(tmp_path, capsys):
     assert "ILSVRC2012_img_val.tar" in err and str(tmp_path / "manual") in err
 
 
-@pytest.mark.slow
-def test_prepare_imagenet_from_mini_tars_and_read_batches(tmp_path):
-    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The miniature ImageNet prepared once: the training recipe's data config for it."""
+    tmp = tmp_path_factory.mktemp("imagenet")
+    manual, data_dir = str(tmp / "manual"), str(tmp / "tfds")
     _make_manual_dir(manual)
     assert main(["prepare", "imagenet2012", "--manual-dir", manual, "--data-dir",
                  data_dir]) == 0
     cfg = default_data_config()               # the full training recipe
     cfg.dataset, cfg.data_dir, cfg.shuffle_buffer = "imagenet2012", data_dir, 64
+    return cfg
+
+
+@pytest.mark.slow
+def test_prepare_imagenet_from_mini_tars_and_read_batches(prepared):
+    cfg = prepared
     info = dataset_info(cfg)
     assert (info.num_classes, info.num_train, info.num_eval) == (1000, 12, 6)
     assert info.eval_split == "validation"
@@ -94,3 +102,27 @@ def test_prepare_imagenet_from_mini_tars_and_read_batches(tmp_path):
     for b in ev:
         got += [int(y) for y, m in zip(b["label"], b["mask"], strict=True) if m]
     assert sorted(got) == want and len(ev) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "the undecodable training JPEG is stored by TFDS's imagenet2012 builder and counted in "
+    "the split (12, not 11); the pipeline drops it at read time (ignore_errors), so epoch 0 "
+    "has 2 batches where batches_per_epoch says 3, nothing reports the skipped image, and "
+    "a resume position (batches * batch size encoded examples) miscounts after it. Needs "
+    "prepare imagenet2012 to skip and count undecodable images, as prepare folder does, or "
+    "a pipeline that counts them (issue 14 item 2)."))
+def test_undecodable_image_is_counted_and_epochs_are_exact(prepared):
+    cfg = prepared
+    info = dataset_info(cfg)
+    assert info.num_train == 11  # 12 files, one undecodable: skipped and counted
+    it = make_train_iterator(cfg, global_batch_size=4, spec=ImageSpec(32), sharding=None,
+                             seed=0, dataset=info)
+    assert it.batches_per_epoch == 2  # 11 // 4: the remainder (3) dropped
+    batches = [next(it) for _ in range(3)]
+    assert (it.get_state()["epoch"], it.get_state()["position"]) == (1, 1)
+    resumed = make_train_iterator(cfg, global_batch_size=4, spec=ImageSpec(32), sharding=None,
+                                  seed=0, dataset=info)
+    resumed.set_state({**it.get_state(), "epoch": 0, "position": 1})
+    for want in batches[1:]:
+        np.testing.assert_array_equal(next(resumed)["image"], want["image"])
