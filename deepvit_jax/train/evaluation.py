@@ -60,6 +60,9 @@ class Evaluator:
     bn_stats_step: Callable | None = None
     recal_iterator: Any = None  # a resumable training iterator (get_state / set_state)
     num_recal: int = 0
+    # (i, images) -> images: the on-device augmentation of the i-th re-estimation batch when
+    # the host pipeline leaves it to the device (config.data.device_augment).
+    recal_augment: Callable | None = None
 
     def __post_init__(self):
         if self.num_recal:
@@ -72,6 +75,8 @@ class Evaluator:
             return batch_stats
         self.recal_iterator.set_state(self._recal_start)
         images = (next(self.recal_iterator)["image"] for _ in range(self.num_recal))
+        if self.recal_augment is not None:
+            images = (self.recal_augment(i, x) for i, x in enumerate(images))
         return recalibrate_batch_stats(self.bn_stats_step, params, batch_stats, self.rest,
                                        images)
 
@@ -122,8 +127,20 @@ def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
         in_shardings=(state_shardings.params, state_shardings.batch_stats, rest_shardings,
                       data_sh),
         out_shardings=state_shardings.batch_stats)
+    recal_augment = None
+    if config.data.get("device_augment"):
+        # The host pipeline only crops, resizes and flips: finish the augmentation on device,
+        # with fixed keys, so that every evaluation re-estimates on the same images.
+        from deepvit_jax.data.device_augment import make_device_augment
+
+        fn = make_device_augment(config.data, image_size=spec.size, mean=spec.mean,
+                                 std=spec.std)
+        base = jax.random.key(config.seed + 1)
+        recal_augment = jax.jit(lambda i, x: fn(jax.random.fold_in(base, i), x),
+                                out_shardings=data_sh)
     log.info("BatchNorm statistics re-estimated before each evaluation (%s) on %d training "
              "batches of %d (augmented, seed %d), averaged",
              "live and EMA model" if config.ema_decay > 0 else "live model", num_recal,
              recal_batch_size, config.seed + 1)
-    return Evaluator(eval_step, eval_batches, rest, bn_stats_step, recal_it, num_recal)
+    return Evaluator(eval_step, eval_batches, rest, bn_stats_step, recal_it, num_recal,
+                     recal_augment)
