@@ -395,7 +395,9 @@ def _to_global(batch: dict[str, np.ndarray], sharding, global_batch_size: int):
 
 
 class TrainIterator:
-    """Global training batches ``{'image': (B,S,S,3) f32, 'label': (B,) i32}`` on ``sharding``."""
+    """Global training batches ``{'image': (B,S,S,3), 'label': (B,) i32}`` on ``sharding``:
+    normalised float32 images, or uint8 crops when ``data.device_augment`` leaves RandAugment,
+    normalisation and erasing to the train step."""
 
     def __init__(self, host: HostTrainStream, sharding, prefetch: int = 2):
         self.host = host
