@@ -289,9 +289,11 @@ def test_remat_gives_the_same_logits_and_gradients():
 
     (l1, g1), (l2, g2) = logits_and_grads(tiny()), logits_and_grads(tiny(remat=True))
     np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=0, atol=1e-6)
+    # Another compiled program: float32 rounding, measured up to 4e-6 (on the key bias,
+    # whose gradient is 0 in exact arithmetic): bounded relative to the largest gradient.
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        # another compiled program: float32 rounding (measured up to 2e-6, 4.5e-5 relative)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5 * scale)
     # (test_train.py::test_remat_step_recomputes_the_forward_pass: the compiled step.)
 
 

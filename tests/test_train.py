@@ -248,7 +248,8 @@ def test_remat_step_recomputes_the_forward_pass():
     assert dots[True] - dots[False] >= 6 * TINY["depth"], dots
     (m1, g1), (m0, g0) = out[True], out[False]
     np.testing.assert_allclose(float(m1["train/loss"]), float(m0["train/loss"]), rtol=1e-6)
-    np.testing.assert_allclose(g1, g0, rtol=2e-5, atol=1e-6 * np.abs(g0).max())
+    # another compiled program: float32 rounding (measured up to 1e-6, max |g| 0.58)
+    np.testing.assert_allclose(g1, g0, rtol=2e-5, atol=1e-5 * np.abs(g0).max())
 
 
 def test_bfloat16_training_stays_in_a_band_of_float32():
@@ -348,8 +349,12 @@ def test_bn_stats_step_reestimates_every_batchnorm():
     # in this config), take its per-batch mean and unbiased variance, average over batches.
     call = BatchNorm.__call__
 
+    # The reference attention computes the Re-attention map and calls its BatchNorm; the
+    # step under test runs the default (folded) one, which never forms the map.
+    md_ref = state_lib.make_model_def(cfg.replace(attention_impl="reference"))
+
     def bn_inputs(params, stats, rest, x):
-        m = md.merge(params, stats, rest, train=True)
+        m = md_ref.merge(params, stats, rest, train=True)
         names = {id(b): "/".join(map(str, p)) for p, b in nnx.iter_modules(m)
                  if isinstance(b, BatchNorm)}
         seen = {}
