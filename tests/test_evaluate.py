@@ -1,11 +1,13 @@
 """python -m deepvit_jax.evaluate: a training checkpoint reports what the training loop's
-evaluation reported at that step (live and EMA, with BatchNorm re-estimation), on one and
-on four devices; the collapse monitor's rows equal the offline analysis; bad input."""
+evaluation reported at that step (live and EMA, with BatchNorm re-estimation), in one
+process and in two processes of two devices each; the collapse monitor's rows equal the
+offline analysis; bad input."""
 
 import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -60,33 +62,46 @@ def test_reports_what_the_training_loop_reported(run):
     from deepvit_jax.evaluate import evaluate_checkpoint
 
     workdir, rows = run
-    # each evaluation compiles its steps: two cover the live and EMA weights, both steps
-    for step, ema in ((STEPS[0], False), (STEPS[1], True)):
-        got = evaluate_checkpoint(str(workdir), step=step, ema=ema)
-        want = _logged(rows, step, "eval/ema_" if ema else "eval/")
-        assert got["count"] == got["split_size"] == 360
-        assert got["bn_recalibrate"] == 3 and got["step"] == step
-        assert got["top1"] == want["top1"] and got["top5"] == want["top5"], (got, want)
-        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    # the live weights of step 4 here; the EMA weights of step 8 in the two-process test
+    got = evaluate_checkpoint(str(workdir), step=4)
+    want = _logged(rows, 4, "eval/")
+    assert got["count"] == got["split_size"] == 360
+    assert got["bn_recalibrate"] == 3 and got["step"] == 4 and not got["ema"]
+    assert got["top1"] == want["top1"] and got["top5"] == want["top5"], (got, want)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
     # the losses differ between steps and weights: the comparison is not vacuous
     assert _logged(rows, 4, "eval/")["loss"] != _logged(rows, 8, "eval/")["loss"]
 
 
-def test_cli_on_four_devices_writes_json(run, tmp_path):
-    """One checkpoint directory, sharded over 4 CPU devices, through the command line."""
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_two_processes_four_devices(run, tmp_path):
+    """One checkpoint directory through the command line, sharded over 2 processes x 2 CPU
+    devices (multi-host as on a pod): the same numbers; process 0 writes the JSON."""
     workdir, rows = run
     out = tmp_path / "e.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-m", "deepvit_jax.evaluate", "--checkpoint",
-                        str(workdir / "checkpoints" / "8"), "--ema", "--output", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "deepvit_jax.evaluate", "--checkpoint",
+         str(workdir / "checkpoints" / "8"), "--ema", "--output", str(out),
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
     got = json.loads(out.read_text())
     want = _logged(rows, 8, "eval/ema_")
     assert got["count"] == 360 and got["top1"] == want["top1"] and got["ema"]
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
-    assert "top-1" in r.stdout and f"{want['top1']:.2f} %" in r.stdout
+    assert "top-1" in outs[0][0] and f"{want['top1']:.2f} %" in outs[0][0]
+    assert "top-1" not in outs[1][0]  # one table, from process 0
 
 
 def test_collapse_monitor_matches_offline_analysis(run):
