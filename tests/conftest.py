@@ -4,6 +4,14 @@ because a dependency cannot be imported is a failure (the dev extras must be ins
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX's persistent compilation cache, shared by the tests, the xdist workers and the
+# training runs they start as subprocesses (they inherit the environment): the same tiny
+# models are compiled dozens of times otherwise. Keys are hashes of the compiled program,
+# so a change to the code compiles afresh.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 

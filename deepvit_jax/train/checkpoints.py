@@ -23,6 +23,7 @@ are removed on the next start). Retention: the last ``keep`` checkpoints plus th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -297,3 +298,31 @@ class WorkdirLock:
                 self.path.unlink(missing_ok=True)
             except OSError as e:
                 log.warning("could not remove the workdir lock %s: %s", self.path, e)
+
+
+@contextlib.contextmanager
+def claim_workdir(workdir, config_json: dict):
+    """For the duration of the block, process 0 holds ``WORKDIR/lock``; before it starts,
+    every process checks that all of them run the same config and that process 0 got the
+    lock (so that no process trains alone)."""
+    from deepvit_jax import parallel
+
+    lock = WorkdirLock(workdir)
+    lock_error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except Exception as e:  # WorkdirLockedError, or the storage refused the lock file
+            lock_error = e
+    try:
+        try:
+            parallel.check_processes(config_json, ok=lock_error is None,
+                                     problem="process 0 could not take the workdir lock")
+        except ConfigError:
+            if lock_error is None:
+                raise
+        if lock_error is not None:
+            raise lock_error
+        yield
+    finally:
+        lock.release()

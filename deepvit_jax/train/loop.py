@@ -28,8 +28,8 @@ from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import evaluation
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
-from deepvit_jax.train.checkpoints import (Checkpointer, WorkdirLock, abstract_like,
-                                           check_resume_config)
+from deepvit_jax.train.checkpoints import (Checkpointer, abstract_like, check_resume_config,
+                                           claim_workdir)
 from deepvit_jax.train.reporting import (MetricWriter, NonFiniteLossError, Preempted, Preemption,
                                          StepMeter, check_finite_state)
 from deepvit_jax.utils import as_path
@@ -205,30 +205,9 @@ def train_and_evaluate(config, workdir: str, *,
     that all run the same config. SIGTERM / SIGINT stop the run at the next check (before
     a step, before an evaluation, between evaluation batches) with a checkpoint."""
     config_lib.validate(config)
-    lock = WorkdirLock(workdir)
-    lock_error = None
-    if jax.process_index() == 0:
-        try:
-            lock.acquire()
-        except Exception as e:  # WorkdirLockedError, or the storage refused the lock file
-            lock_error = e
-    try:
-        try:
-            parallel.check_processes(json.loads(config.to_json_best_effort()),
-                                     ok=lock_error is None,
-                                     problem="process 0 could not take the workdir lock")
-        except ConfigError:
-            if lock_error is None:
-                raise
-        if lock_error is not None:
-            raise lock_error
-        preemption = Preemption()
-        try:
-            return _train(config, workdir, preemption, on_step)
-        finally:
-            preemption.close()
-    finally:
-        lock.release()
+    with (claim_workdir(workdir, json.loads(config.to_json_best_effort())),
+          Preemption() as preemption):
+        return _train(config, workdir, preemption, on_step)
 
 
 def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]:

@@ -226,6 +226,12 @@ class Preemption:
         for s, old in self._old.items():
             signal.signal(s, old)
 
+    def __enter__(self) -> Preemption:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class _Interruptible:
     def __init__(self, inner, preemption: Preemption):
