@@ -18,6 +18,18 @@ import pytest
 MISSING_IMPORT = "could not import"  # the reason pytest.importorskip gives
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data dir with the embedded digits prepared, once per test session (worker)."""
+    from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.pipeline import dataset_info
+
+    cfg = digits_data_config()
+    cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    dataset_info(cfg)
+    return cfg.data_dir
+
+
 @pytest.fixture(autouse=True)
 def _highest_matmul_precision():
     """Parity tests compare with PyTorch at 1e-5: use full-precision matmuls on any backend."""

@@ -32,17 +32,6 @@ ARGS = ["--config.model.embed_dim=16", "--config.model.depth=2", "--config.model
         f"--config.total_steps={TOTAL}"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    from deepvit_jax.data.config import digits_data_config
-    from deepvit_jax.data.pipeline import dataset_info
-
-    cfg = digits_data_config()
-    cfg.data_dir = str(d)
-    dataset_info(cfg)
-    return str(d)
-
 
 def _env(cache, kill_at=None):
     env = dict(os.environ)

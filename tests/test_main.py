@@ -27,18 +27,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Digits prepared once for every run of this module."""
-    d = tmp_path_factory.mktemp("tfds")
-    from deepvit_jax.data.config import digits_data_config
-    from deepvit_jax.data.pipeline import dataset_info
-
-    cfg = digits_data_config()
-    cfg.data_dir = str(d)
-    dataset_info(cfg)
-    return str(d)
-
 
 def _env(devices=1):
     env = dict(os.environ)

@@ -31,18 +31,6 @@ TINY = {"model.embed_dim": 16, "model.depth": 2, "model.num_heads": 2,
 OFFLINE = {"INSTALL": False, "USE_DRIVE": False}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Digits prepared once for every notebook of this module."""
-    d = tmp_path_factory.mktemp("tfds")
-    from deepvit_jax.data.config import digits_data_config
-    from deepvit_jax.data.pipeline import dataset_info
-
-    cfg = digits_data_config()
-    cfg.data_dir = str(d)
-    dataset_info(cfg)
-    return str(d)
-
 
 @pytest.fixture
 def kernel_env(monkeypatch, data_dir):

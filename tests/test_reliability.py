@@ -32,17 +32,6 @@ def _load(path=DEFAULT, arg=None):
     return mod.get_config(arg) if arg else mod.get_config()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    from deepvit_jax.data.config import digits_data_config
-    from deepvit_jax.data.pipeline import dataset_info
-
-    cfg = digits_data_config()
-    cfg.data_dir = str(d)
-    dataset_info(cfg)
-    return str(d)
-
 
 def _tiny(data_dir, **top):
     c = _load()
