@@ -16,12 +16,10 @@ import time
 
 import numpy as np
 import pytest
-from test_main import DEFAULT, ROOT, TINY, _env, _final_state, _free_port, _metrics, data_dir
+from test_main import DEFAULT, ROOT, TINY, _env, _final_state, _free_port, _metrics
 
 from deepvit_jax.data.config import digits_data_config
 from deepvit_jax.data.pipeline import ImageSpec, dataset_info, make_train_iterator
-
-__all__ = ["data_dir"]  # the module-scoped digits fixture of tests/test_main.py
 
 
 @pytest.mark.xfail(strict=True, reason=(
