@@ -228,11 +228,13 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, disallowed pickled classes, ...
+        # The weights-only unpickler names a disallowed global; other failures (random bytes,
+        # a truncated file) are unreadable files, not hostile ones.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if "Weights only load failed" in str(e):
+        if found and "Weights only load failed" in str(e):
             raise ConversionError(
                 f"{path}: refused: the file holds Python objects other than tensors "
-                f"({found.group(1) if found else 'a pickled global'}) that could run code "
+                f"({found.group(1)}) that could run code "
                 "when loaded. If you trust its source, load it in PyTorch and save only its "
                 "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors") from e
         raise ConversionError(
