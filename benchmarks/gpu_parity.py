@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
 import jax
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
 
 from deepvit_jax import get_config
 from deepvit_jax.convert import from_pytorch
