@@ -143,21 +143,26 @@ class StepMeter:
         self.wait += wait_s
         # The previous step is done by now (its successor was dispatched): checking it costs
         # no stall and stops a diverged run one step late.
-        if len(self.window) >= 2:
-            self._check(self.window[-2:-1])
+        self._check(len(self.window) - 1)
 
     def check(self) -> None:
         """Raise NonFiniteLossError naming the first step whose loss or grad norm is NaN/inf."""
-        self._check(self.window[self.checked:])
-        self.checked = len(self.window)
+        self._check(len(self.window))
 
-    @staticmethod
-    def _check(window) -> None:
-        for (step, _), m in zip(window, jax.device_get([m for _, m in window]), strict=True):
+    def _check(self, end: int) -> None:
+        """Fetch the window's unchecked metrics before ``end`` once, check them and keep the
+        host copies (the log row reads those instead of fetching again)."""
+        pending = self.window[self.checked:end]
+        if not pending:
+            return
+        for i, m in enumerate(jax.device_get([m for _, m in pending])):
+            step = pending[i][0]
             if not _finite(m):
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step} (loss={float(m['train/loss'])}, "
                     f"grad_norm={float(m['train/grad_norm'])})")
+            self.window[self.checked + i] = (step, m)
+        self.checked = end
 
     def pause(self) -> None:
         """Restart the clock (evaluation time does not count against img/s)."""
@@ -166,7 +171,7 @@ class StepMeter:
     def summary(self, step: int) -> dict[str, float]:
         """The window's mean metrics, lr, img/s, data wait and epoch; starts a new window."""
         self.check()
-        host = jax.device_get([m for _, m in self.window])
+        host = [m for _, m in self.window]
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         n = len(host)
         row = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
