@@ -27,16 +27,10 @@ import statistics
 import time
 from pathlib import Path
 
+# Run as `python benchmarks/attention.py`: the sibling script is importable.
+from vs_pytorch import _median_time
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _median_time(fn, steps):
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _block(kind, impl, n_tokens, args):

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from test_main import _final_state  # the latest checkpoint as {path: array}
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.py")
@@ -50,24 +51,6 @@ def _cmd(workdir, data_dir, killing=False):
     entry = [str(ROOT / "tests" / "killing_main.py")] if killing else ["-m", "deepvit_jax.main"]
     return [sys.executable, *entry, f"--config={DEFAULT}", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", *ARGS]
-
-
-def _final_state(workdir):
-    import jax
-    import orbax.checkpoint as ocp
-
-    from deepvit_jax.utils import path_str
-
-    mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",),
-                                item_handlers={"state": ocp.StandardCheckpointHandler()})
-    step = mgr.latest_step()
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                          mgr.item_metadata(step)["state"])
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    mgr.close()
-    return step, {path_str(p): np.asarray(v)
-                  for p, v in jax.tree_util.tree_flatten_with_path(out["state"])[0]}
 
 
 def _rows(workdir):
