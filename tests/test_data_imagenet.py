@@ -1,6 +1,7 @@
 """TFDS's real imagenet2012 preparation, through our `prepare` command, on miniature tars in
 ImageNet's own distribution layout; then augmented and evaluation batches from it."""
 
+import contextlib
 import io
 import os
 import tarfile
@@ -66,10 +67,13 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imagenet")
     manual, data_dir = str(tmp / "manual"), str(tmp / "tfds")
     _make_manual_dir(manual)
-    assert main(["prepare", "imagenet2012", "--manual-dir", manual, "--data-dir",
-                 data_dir]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["prepare", "imagenet2012", "--manual-dir", manual, "--data-dir",
+                     data_dir]) == 0
     cfg = default_data_config()               # the full training recipe
     cfg.dataset, cfg.data_dir, cfg.shuffle_buffer = "imagenet2012", data_dir, 64
+    cfg.prepare_output = out.getvalue()
     return cfg
 
 
@@ -77,13 +81,16 @@ def prepared(tmp_path_factory):
 def test_prepare_imagenet_from_mini_tars_and_read_batches(prepared):
     cfg = prepared
     info = dataset_info(cfg)
-    assert (info.num_classes, info.num_train, info.num_eval) == (1000, 12, 6)
+    # 12 training files: the CMYK JPEG and the PNG named .JPEG kept, the corrupt one skipped
+    assert (info.num_classes, info.num_train, info.num_eval) == (1000, 11, 6)
     assert info.eval_split == "validation"
+    assert "train: skipped 1 undecodable image(s)" in cfg.prepare_output
+    assert "validation: skipped" not in cfg.prepare_output
 
     it = make_train_iterator(cfg, global_batch_size=4, spec=ImageSpec(32), sharding=None, seed=0)
-    assert it.batches_per_epoch == 3
+    assert it.batches_per_epoch == 2
     labels = []
-    for _ in range(2):          # the corrupt JPEG is skipped (logged), never a crash
+    for _ in range(2):
         b = next(it)
         assert b["image"].shape == (4, 32, 32, 3) and np.isfinite(b["image"]).all()
         labels += list(b["label"])
@@ -105,13 +112,6 @@ def test_prepare_imagenet_from_mini_tars_and_read_batches(prepared):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the undecodable training JPEG is stored by TFDS's imagenet2012 builder and counted in "
-    "the split (12, not 11); the pipeline drops it at read time (ignore_errors), so epoch 0 "
-    "has 2 batches where batches_per_epoch says 3, nothing reports the skipped image, and "
-    "a resume position (batches * batch size encoded examples) miscounts after it. Needs "
-    "prepare imagenet2012 to skip and count undecodable images, as prepare folder does, or "
-    "a pipeline that counts them (issue 14 item 2)."))
 def test_undecodable_image_is_counted_and_epochs_are_exact(prepared):
     cfg = prepared
     info = dataset_info(cfg)

@@ -99,8 +99,11 @@ def test_global_batches_are_sharded_arrays(data_dir):
     assert sum(float(x["mask"].sum()) for x in batches) == NUM_TEST
 
 
-def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
+def test_per_process_order_reads_disjoint_parts_covering_the_split(data_dir):
+    """global_order=False: each process reads only its own part of the split, every epoch
+    (the default global order is tested in tests/test_multiprocess.py)."""
     cfg = _cfg(data_dir, plain=True)
+    cfg.global_order = False
     per_process = NUM_TRAIN // 2                     # 718: even split, remainder dropped
     seen = []
     for pi in range(2):

@@ -2,7 +2,8 @@
 1-process run only if the global batches are the same images in the same order whatever
 the process count; this is checked here in-process (no subprocess: the iterators take
 ``process_index`` / ``process_count``). Below, two real processes: SIGTERM to one stops
-both after the same step, then two processes resume to the end.
+both after the same step, then two processes resume to the end, and their loss curve is
+that of one process.
 tests/test_main.py::test_one_vs_eight_devices_same_loss_curve compares device counts
 within one process."""
 
@@ -16,19 +17,12 @@ import time
 
 import numpy as np
 import pytest
-from test_main import DEFAULT, ROOT, TINY, _env, _final_state, _free_port, _metrics
+from test_main import DEFAULT, ROOT, TINY, _env, _final_state, _free_port, _metrics, _run
 
 from deepvit_jax.data.config import digits_data_config
 from deepvit_jax.data.pipeline import ImageSpec, dataset_info, make_train_iterator
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data/pipeline.py: each process reads its own half of the split "
-    "(tfds.split_for_jax_process) and shuffles it with its own seed, so the global batch "
-    "of a 2-process run holds other images than the 1-process batch of the same step; a "
-    "2-process loss curve cannot equal the 1-process one (issue 14 item 5). Needs a "
-    "process-count-independent global order (e.g. every process reads the global "
-    "shuffled order and keeps its slice of each global batch)."))
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
     cfg = digits_data_config()
     cfg.data_dir = str(tmp_path / "tfds")
@@ -47,6 +41,24 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
         np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), b["label"])
         np.testing.assert_allclose(np.concatenate([h["image"] for h in halves]), b["image"],
                                    atol=1e-6)
+    # the state does not depend on the process count either: 1 process resumes where 2 left
+    state = two[0].get_state()
+    assert state == two[1].get_state()
+    resumed = stream(0, 1)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["label"], next(one)["label"])
+
+
+def test_per_process_order_refuses_another_process_count(tmp_path):
+    cfg = digits_data_config()
+    cfg.data_dir, cfg.global_order = str(tmp_path / "tfds"), False
+    info = dataset_info(cfg)
+    kw = dict(global_batch_size=32, spec=ImageSpec(16), sharding=None, seed=0, dataset=info)
+    two = make_train_iterator(cfg, process_index=0, process_count=2, **kw)
+    next(two)
+    one = make_train_iterator(cfg, process_index=0, process_count=1, **kw)
+    with pytest.raises(ValueError, match="process_count=2, this run has 1"):
+        one.set_state(two.get_state())
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,3 +123,15 @@ def test_sigterm_to_one_process_stops_both_then_two_process_resume(tmp_path, dat
     assert len(evals) == 1 and evals[0]["eval/count"] == 360
     step, state = _final_state(tmp_path)
     assert step == 6 and int(state["step"]) == 6
+
+    # ... and the 2-process loss curve (stopped and resumed) is the 1-process one
+    one = tmp_path / "one_process"
+    r = _run(one, data_dir, "--config.total_steps=6", "--config.eval.every_steps=6",
+             "--config.eval.batch_size=64", devices=2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = {r["step"]: r["train/loss"] for r in _metrics(one) if "train/loss" in r}
+    got = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-4)
+    assert evals[0]["eval/top1"] == next(r for r in _metrics(one) if "eval/top1" in r)["eval/top1"]

@@ -479,7 +479,35 @@ def test_all_examples_failing_raises_instead_of_spinning(data_dir, monkeypatch):
     t.join(timeout=120)
     assert not t.is_alive(), "the iterator spins forever"
     assert isinstance(out.get("error"), InputError)
-    assert "every image failed to decode" in str(out["error"])
+    assert "images of epoch 0 after batch 0 failed to decode" in str(out["error"])
+    assert "python -m deepvit_jax.data prepare" in str(out["error"])
+
+
+def test_one_undecodable_image_is_named_instead_of_shifting_the_batches(data_dir):
+    import tensorflow as tf
+
+    from deepvit_jax.data import pipeline
+    from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.errors import InputError
+
+    cfg = digits_data_config()
+    cfg.data_dir, cfg.prefetch_batches = data_dir, 1   # batch 1 is read after batch 0 returns
+    kw = dict(global_batch_size=16, spec=pipeline.ImageSpec(size=8), sharding=None, seed=0)
+    good = pipeline.make_train_iterator(cfg, **kw)
+    it = pipeline.make_train_iterator(cfg, **kw)
+    augment = it.host.augment
+    base = pipeline._seed_words(0, 0, 0, 3)[1] % 2**62   # the epoch's seed words (seed 0)
+
+    def broken(encoded, seed):  # example 21 of the epoch (batch 1, row 5) fails to decode
+        bad = tf.equal(seed[1] - base, 21)
+        img = augment(encoded, seed)
+        return tf.cond(bad, lambda: tf.cast(tf.io.decode_png(tf.constant(b"x")), tf.float32)
+                       [:8, :8, :3] + img, lambda: img)
+
+    it.host.augment = broken
+    np.testing.assert_array_equal(next(it)["image"], next(good)["image"])  # batch 0 intact
+    with pytest.raises(InputError, match=r"example 21 of epoch 0 .* failed to decode"):
+        next(it)
 
 
 # ---------------------------------------------------------------------------------------

@@ -72,6 +72,12 @@ def check_imagenet_manual_dir(manual_dir: str | None) -> None:
                            + _imagenet_help(manual_dir))
 
 
+def _report_skipped(skipped: dict[str, int]) -> None:
+    for split, n in skipped.items():
+        if n:
+            print(f"{split}: skipped {n} undecodable image(s) (see the warnings above)")
+
+
 def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
             folder: str | None = None) -> str:
     """Prepare ``name`` into ``data_dir``; returns the prepared dataset's directory."""
@@ -93,12 +99,18 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
         from deepvit_jax.data.builders.folder import prepare_folder
 
         path, skipped = prepare_folder(folder, data_dir)
-        for split, n in skipped.items():
-            if n:
-                print(f"{split}: skipped {n} undecodable image(s) (see the warnings above)")
+        _report_skipped(skipped)
         return str(path)
     if name.split(":")[0].split("/")[0] == "imagenet2012":
         check_imagenet_manual_dir(manual_dir)
+        if name in ("imagenet2012", "imagenet2012:5.1.0"):
+            from deepvit_jax.data.builders.imagenet import ValidatedImagenet2012
+
+            builder = ValidatedImagenet2012(data_dir=data_dir)
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+            _report_skipped(builder.skipped)
+            return str(builder.data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:

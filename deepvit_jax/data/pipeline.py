@@ -2,24 +2,32 @@
 
 How an image becomes a batch (training):
 
-1. Every process reads only its own part of the split (``tfds.split_for_jax_process``, equal
-   sizes), as *encoded* bytes (``SkipDecoding``), files shuffled with a seed.
-2. The encoded examples are shuffled (seeded buffer), numbered (``enumerate``) and - when
-   resuming - the already-seen ones are skipped *before* any decoding.
+1. The split is read as *encoded* bytes (``SkipDecoding``), files shuffled with a seed, and the
+   encoded examples shuffled (seeded buffer) and numbered (``enumerate``).  By default
+   (``data.global_order``) every process reads the same global order of the whole split and
+   keeps only its slice of each global batch (example ``i`` belongs to global batch
+   ``i // B``, to process ``(i // (B / P)) % P``), so the global batches - and so the loss
+   curve - do not depend on the process count, and a run may resume on another number of
+   hosts.  Every process then *reads* (not decodes) the whole split; at pod scale, where
+   that I/O matters, ``global_order=False`` makes each process read only its own part
+   (``tfds.split_for_jax_process``) with its own seeds.
+2. When resuming, the already-seen examples are skipped *before* any decoding.
 3. Each example is decoded and augmented (augment.py) with stateless random ops whose seed is
-   derived from (seed, epoch, process, example number): the same seed gives the same batches
-   whatever the thread scheduling, and a restored iterator repeats the exact stream.
-4. Host batches of ``global_batch_size / process_count`` (remainder dropped) become one global
-   ``jax.Array`` via ``jax.make_array_from_process_local_data`` on the given ``NamedSharding``,
-   prefetched to the devices.
+   derived from (seed, epoch, example number): the same seed gives the same batches whatever
+   the thread scheduling, and a restored iterator repeats the exact stream.
+4. Host batches of ``global_batch_size / process_count`` (the global remainder dropped)
+   become one global ``jax.Array`` via ``jax.make_array_from_process_local_data`` on the
+   given ``NamedSharding``, prefetched to the devices.
 
 Evaluation reads each process's part once, pads with masked (mask 0) zero images so every
 process yields the same number of batches, and counts every image exactly once.
 
 The iterator state is ``{'seed', 'epoch', 'position', ...}`` (JSON): ``position`` is the number
-of batches already yielded in ``epoch``.  Images that fail to decode at read time are skipped
-(``ignore_errors``, logged by tf.data); ``prepare`` removes such images beforehand, so that the
-stream and its resume positions stay exact.
+of batches already yielded in ``epoch``.  ``prepare`` (``python -m deepvit_jax.data``) skips
+and counts images that cannot be decoded, so every stored image decodes and the epochs and
+resume positions are exact; an image that still fails at read time (a dataset prepared
+elsewhere) stops training with an error that names it, rather than shifting every later
+batch (and, across processes, desynchronising them).
 """
 
 from __future__ import annotations
@@ -262,16 +270,22 @@ class HostTrainStream:
         self.mean, self.std = tuple(spec.mean), tuple(spec.std)
         self.seed = int(seed)
         self.builder = dataset.builder
-        split = dataset.train_split
-        self.split = process_split(split, self.process_index, self.process_count,
-                                   drop_remainder=True)
-        self.num_local = int(self.builder.info.splits[self.split].num_examples)
-        self.batches_per_epoch = self.num_local // self.local_batch
+        self.global_order = bool(data_cfg.get("global_order", True))
+        # (read_index, read_count): which part of the split this process reads, and the
+        # process number mixed into its seeds; (keep_index, keep_count): which slice of each
+        # read batch of local_batch * keep_count examples it keeps.
+        pi, pc = self.process_index, self.process_count
+        self._read, self._keep = ((0, 1), (pi, pc)) if self.global_order else ((pi, pc), (0, 1))
+        self.split = process_split(dataset.train_split, *self._read, drop_remainder=True)
+        self.num_read = int(self.builder.info.splits[self.split].num_examples)
+        self.read_batch = self.local_batch * self._keep[1]
+        self.batches_per_epoch = self.num_read // self.read_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the train split {split!r} has {self.num_local} examples per process, fewer "
-                f"than the per-process batch {self.local_batch} (global_batch_size="
-                f"{self.global_batch_size}, {self.process_count} processes)")
+                f"the train split {dataset.train_split!r} has {self.num_read} examples "
+                f"{'' if self.global_order else 'per process '}, fewer than the batch "
+                f"{self.read_batch} (global_batch_size={self.global_batch_size}, "
+                f"{pc} processes)")
         self.augment = aug_lib.make_train_augment(data_cfg, image_size=self.image_size,
                                                   mean=self.mean, std=self.std)
         self._cached = None
@@ -282,16 +296,20 @@ class HostTrainStream:
     def get_state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
                 "position": self.position, "global_batch_size": self.global_batch_size,
-                "process_count": self.process_count, "dataset": str(self.cfg.dataset),
-                "split": str(self.cfg.train_split)}
+                "process_count": self.process_count, "global_order": self.global_order,
+                "dataset": str(self.cfg.dataset), "split": str(self.cfg.train_split)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
-        for key, mine in (("global_batch_size", self.global_batch_size),
-                          ("process_count", self.process_count)):
-            if int(state[key]) != mine:
-                raise ValueError(f"iterator state has {key}={state[key]}, this run has {mine}: "
+        must_match = [("global_batch_size", self.global_batch_size),
+                      ("global_order", self.global_order)]
+        if not self.global_order:   # each process's stream depends on the process count
+            must_match.append(("process_count", self.process_count))
+        for key, mine in must_match:
+            theirs = state.get(key, True if key == "global_order" else None)
+            if theirs != mine and (theirs is None or type(mine)(theirs) != mine):
+                raise ValueError(f"iterator state has {key}={theirs}, this run has {mine}: "
                                  "the saved data position cannot be reproduced")
         self.seed = int(state["seed"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -302,8 +320,8 @@ class HostTrainStream:
     # -- data ----------------------------------------------------------------------------
     def _encoded(self, epoch: int):
         """(encoded image, label) in this epoch's shuffled order."""
-        tf = _tf()
-        file_seed = _seed_words(self.seed, epoch, self.process_index, 1)[0] % (2**31)
+        rank = self._read[0]
+        file_seed = _seed_words(self.seed, epoch, rank, 1)[0] % (2**31)
         if self.cfg.get("cache"):
             if self._cached is None:
                 self._cached = _read(self.cfg, self.builder, self.split, shuffle_seed=None).cache()
@@ -312,61 +330,75 @@ class HostTrainStream:
             ds = _read(self.cfg, self.builder, self.split, shuffle_seed=file_seed)
         buf = int(self.cfg.shuffle_buffer)
         if buf > 1:
-            ds = ds.shuffle(buf, seed=_seed_words(self.seed, epoch, self.process_index, 2)[0],
+            ds = ds.shuffle(buf, seed=_seed_words(self.seed, epoch, rank, 2)[0],
                             reshuffle_each_iteration=False)
-        del tf
         return ds
 
     def _epoch_dataset(self, epoch: int, start_batch: int):
         tf = _tf()
-        ds = self._encoded(epoch).enumerate()
+        # Number the examples, drop the epoch's remainder (every process must yield the same
+        # number of batches), skip what was seen (before decoding: cheap), keep this
+        # process's slice of each batch.
+        ds = self._encoded(epoch).enumerate().take(self.batches_per_epoch * self.read_batch)
         if start_batch:
-            ds = ds.skip(start_batch * self.local_batch)   # before decoding: cheap
-        words = _seed_words(self.seed, epoch, self.process_index, 3)
+            ds = ds.skip(start_batch * self.read_batch)
+        (k, count), local = self._keep, self.local_batch
+        if count > 1:
+            ds = ds.filter(lambda i, ex: (i // local) % count == k)
+        words = _seed_words(self.seed, epoch, self._read[0], 3)
         base = tf.constant([words[0] % (2**62), words[1] % (2**62)], tf.int64)
         augment = self.augment
 
         def fn(i, ex):
             encoded, label = ex
             seed = base + tf.stack([tf.constant(0, tf.int64), i])
-            return {"image": augment(encoded, seed), "label": tf.cast(label, tf.int32)}
+            return {"image": augment(encoded, seed), "label": tf.cast(label, tf.int32),
+                    "index": i}
 
         ds = ds.map(fn, num_parallel_calls=int(self.cfg.num_parallel_calls))
-        ds = ds.ignore_errors(log_warning=True)
-        ds = ds.batch(self.local_batch, drop_remainder=True)
+        # An image that fails to decode is dropped here and found below (its number is
+        # missing from the batch), instead of ending the stream with a bare TF error.
+        ds = ds.ignore_errors()
+        ds = ds.batch(local, drop_remainder=True)
         return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
+
+    def _undecodable(self, index: int | None):
+        from deepvit_jax.errors import InputError
+
+        which = (f"example {index} of epoch {self.epoch} (in its shuffled order)"
+                 if index is not None else
+                 f"images of epoch {self.epoch} after batch {self.position}")
+        return InputError(
+            f"train split {self.split!r} of {self.cfg.dataset!r}: {which} failed to decode; "
+            "a skipped image "
+            "would shift every later batch (and desynchronise processes), so prepare the "
+            "dataset with `python -m deepvit_jax.data prepare ...`, which skips and counts "
+            "undecodable images")
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(host batch, state after this batch)."""
-        while True:
-            if self._it is None:
-                self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
-                self._yielded = 0
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if not self._yielded:  # every example failed: the loop would spin forever
-                    from deepvit_jax.errors import InputError
-
-                    raise InputError(
-                        f"no batch of the train split {self.split!r} of {self.cfg.dataset!r} "
-                        f"could be read in epoch {self.epoch}: every image failed to decode "
-                        "(see the tf.data warnings above); check the files, or prepare the "
-                        "dataset again (python -m deepvit_jax.data prepare ...)") from None
-                self.epoch, self.position, self._it = self.epoch + 1, 0, None
-                continue
-            self._yielded += 1
-            self.position += 1
-            if self.position >= self.batches_per_epoch:
-                state = self.get_state()
-                self.epoch, self.position, self._it = self.epoch + 1, 0, None
-                state.update(epoch=self.epoch, position=0)
-            else:
-                state = self.get_state()
-            return batch, state
+        if self._it is None:
+            self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
+        try:
+            batch = next(self._it)
+        except StopIteration:   # fewer batches than batches_per_epoch: images were dropped
+            raise self._undecodable(None) from None
+        k, local = self._keep[0], self.local_batch
+        want = self.position * self.read_batch + k * local + np.arange(local)
+        index = batch.pop("index")
+        if not np.array_equal(index, want):
+            raise self._undecodable(int(want[np.argmax(index != want)]))
+        self.position += 1
+        if self.position >= self.batches_per_epoch:
+            state = self.get_state()
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+            state.update(epoch=self.epoch, position=0)
+        else:
+            state = self.get_state()
+        return batch, state
 
 
 def _label_sharding(sharding):
