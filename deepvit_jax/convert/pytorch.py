@@ -411,8 +411,10 @@ def identity_reattention(cfg: ModelConfig, block: int) -> dict[Path, np.ndarray]
     """Weights that make Re-attention in ``block`` the identity on the attention map, exactly
     in float32: Theta = I, bias 0, BatchNorm gamma 1, beta 0, running mean 0 and a running
     var v with float32(v + eps) == 1 so that rsqrt(v + eps) is exactly 1 (var = 1 would
-    scale by 1/sqrt(1 + eps)). Exact in eval mode; in train mode the batch statistics
-    normalise the map, as for any freshly added BatchNorm."""
+    scale by 1/sqrt(1 + eps)). Exact in eval mode - bit for bit with
+    ``attention_impl='reference'``, which applies the formulas in order; the default fused
+    path mixes the heads in another order and matches to rounding (~1e-6). In train mode the
+    batch statistics normalise the map, as for any freshly added BatchNorm."""
     if cfg.transform_scale:
         raise ConversionError("identity Re-attention needs transform_scale=False "
                               "(it multiplies the map by head_dim**-0.5)")
