@@ -408,7 +408,8 @@ def evaluate_checkpoint(path: str, *, step: int | None = None, ema: bool = False
                          batch_size=batch_size, bn_recalibrate=bn_recalibrate)
     params, stats = loaded.weights(ema)  # checks --ema before compiling
     ev, ds = make_evaluator(loaded, config)
-    metrics = ev(params, stats)
+    with jax.set_mesh(loaded.mesh):  # the context mesh: Pallas attention runs per shard
+        metrics = ev(params, stats)
     return {"checkpoint": loaded.source.path, "kind": loaded.source.kind,
             "step": loaded.source.step, "ema": bool(ema), "model": loaded.model_cfg.name,
             "dataset": ds.name, "split": ds.eval_split, "split_size": ds.num_eval,

@@ -144,13 +144,21 @@ def test_pallas_parity_with_reference():
 
 
 def test_sharded_parity_on_8_devices():
-    """The fold's H x H statistics are global under a sharded batch (subprocess, 8 CPUs)."""
+    """The fold's H x H statistics are global under a sharded batch (subprocess, 8 CPUs):
+    XLA's sums for 'xla'; per-shard Pallas passes with a psum for 'pallas'."""
     if os.environ.get("DEEPVIT_ATTENTION_MESH_CHILD"):
         assert jax.device_count() == 8
         # Auto axes, as deepvit_jax/parallel.py builds the training mesh.
         mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         check_parity("deepvit_s", "xla", batch=8, sharding=sharding)  # plain + Re-attention
+        # Pallas under the context mesh: each pass per shard, the H x H sums psum-ed
+        with jax.set_mesh(mesh):
+            check_parity("deepvit_16b", "pallas", batch=8, sharding=sharding, depth=1)
+            q = jax.device_put(jnp.ones((8, 2, 5, 4)), sharding)
+            jaxpr = str(jax.make_jaxpr(
+                lambda q: attention.passes("pallas").stats(q, q, scale=1.0))(q))
+        assert "shard_map" in jaxpr and "psum" in jaxpr
         return
     env = {**os.environ, "DEEPVIT_ATTENTION_MESH_CHILD": "1", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -205,8 +205,10 @@ def train_and_evaluate(config, workdir: str, *,
     that all run the same config. SIGTERM / SIGINT stop the run at the next check (before
     a step, before an evaluation, between evaluation batches) with a checkpoint."""
     config_lib.validate(config)
+    # The context mesh (jax.set_mesh) is what attention_impl='pallas' splits per shard over.
     with (claim_workdir(workdir, json.loads(config.to_json_best_effort())),
-          Preemption() as preemption):
+          Preemption() as preemption,
+          jax.set_mesh(parallel.make_mesh(config.mesh))):
         return _train(config, workdir, preemption, on_step)
 
 

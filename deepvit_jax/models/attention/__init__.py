@@ -39,9 +39,9 @@ def resolve(impl: str, backend: str | None = None) -> str:
     benchmarks/vs_pytorch.py, README). GPU and TPU: 'xla' as well (plain blocks take cuDNN
     flash attention where eligible) until ``bash benchmarks/gpu.sh`` has measured the Pallas
     kernels on the hardware (they are tested in interpret mode only); ask for
-    ``attention_impl='pallas'`` to use them. The Pallas path has no shard_map yet (per-shard
-    kernels with a psum of the H x H statistics between the passes): under a sharded batch
-    use 'xla', whose H x H sums XLA makes global.
+    ``attention_impl='pallas'`` to use them. Under a context mesh (``jax.set_mesh``, as the
+    training loop and ``evaluate`` set) that splits the batch, the Pallas passes run per
+    shard with a psum of the H x H statistics between them (:func:`per_shard`).
     """
     if impl not in IMPLS:
         raise ValueError(f"ModelConfig.attention_impl: {impl!r} is not one of {IMPLS}")
@@ -68,8 +68,59 @@ def pallas_passes() -> Passes:
     return Passes(*fns)
 
 
+def _batch_axes(mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` (the data-parallel ones of deepvit_jax.parallel) that split the
+    batch, or () for no mesh / an unsplit batch."""
+    from deepvit_jax.parallel import BATCH_AXES
+
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def per_shard(p: Passes, mesh, axes: tuple[str, ...]) -> Passes:
+    """``p`` run on each shard of a batch split over ``axes`` of ``mesh`` (``jax.shard_map``):
+    a ``pallas_call`` is opaque to XLA's partitioner, which would gather the whole batch to
+    every device. Each pass sees its own examples; the H x H sums of F1 (Gram) and B1
+    (dmix) are psum-ed over the shards, so the fold between the passes is global, as
+    BatchNorm's batch statistics must be."""
+    from jax.sharding import PartitionSpec as P
+
+    bat, rep = P(axes), P()
+
+    def sm(f, in_specs, out_specs):
+        # check_vma=False: the kernels' outputs carry no varying-axis annotations.
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def stats(q, k, *, scale):
+        def f(q, k):
+            lse, gram = p.stats(q, k, scale=scale)
+            return lse, jax.lax.psum(gram, axes)
+        return sm(f, (bat, bat), (bat, rep))(q, k)
+
+    def apply(q, k, v, lse, mix, shift, *, scale):
+        return sm(functools.partial(p.apply, scale=scale), (bat,) * 4 + (rep, rep),
+                  bat)(q, k, v, lse, mix, shift)
+
+    def bwd_stats(q, k, v, lse, dout, *, scale):
+        def f(*a):
+            return jax.lax.psum(p.bwd_stats(*a, scale=scale), axes)
+        return sm(f, (bat,) * 5, rep)(q, k, v, lse, dout)
+
+    def bwd(q, k, v, lse, dout, mix, shift, kmat, *, scale):
+        return sm(functools.partial(p.bwd, scale=scale), (bat,) * 5 + (rep,) * 3,
+                  (bat,) * 3)(q, k, v, lse, dout, mix, shift, kmat)
+
+    return Passes(stats, apply, bwd_stats, bwd)
+
+
 def passes(impl: str) -> Passes:
-    return pallas_passes() if impl == "pallas" else XLA_PASSES
+    if impl != "pallas":
+        return XLA_PASSES
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = _batch_axes(mesh)
+    return per_shard(pallas_passes(), mesh, axes) if axes else pallas_passes()
 
 
 def _cudnn_eligible(q) -> bool:
@@ -93,7 +144,7 @@ def plain(impl: str, q, k, v, *, scale: float):
 def reattention_eval(impl: str, q, k, v, mix, shift, *, scale: float):
     """Eval-mode Re-attention with BatchNorm folded into (mix, shift) (:func:`eval_fold`)."""
     if impl == "pallas":
-        p = pallas_passes()
+        p = passes(impl)
         lse, _ = p.stats(q, k, scale=scale)
         return p.apply(q, k, v, lse, mix, shift, scale=scale)
     return xla.reattn_eval(q, k, v, mix, shift, scale=scale)
@@ -105,5 +156,5 @@ def reattention_train(impl: str, q, k, v, weight, gamma, beta, *, scale: float, 
                                     weight, gamma, beta)
 
 
-__all__ = ["IMPLS", "Passes", "eval_fold", "passes", "plain", "reattention_eval",
+__all__ = ["IMPLS", "Passes", "eval_fold", "passes", "per_shard", "plain", "reattention_eval",
            "reattention_train", "resolve"]
