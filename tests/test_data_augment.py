@@ -87,6 +87,103 @@ def test_geometric_ops_match_pil(img, name):
     assert np.median(d) == 0
 
 
+def _ipt_affine(image, matrix, fill):
+    """Reference warp: ImageProjectiveTransformV3 on the image plus an all-ones coverage
+    channel, fill colour weighted by the uncovered share (the previous host implementation and
+    ``device_augment._warp``'s definition)."""
+    a, b, c, d, e, f = [float(v) for v in matrix]
+    t = tf.constant([[a, b, c + 0.5 * (a + b) - 0.5, d, e, f + 0.5 * (d + e) - 0.5, 0, 0]],
+                    tf.float32)
+    x = tf.cast(image, tf.float32)
+    x = tf.concat([x, tf.ones_like(x[..., :1])], -1)[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=t, output_shape=tf.shape(image)[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0].numpy()
+    out = out[..., :3] + (1.0 - out[..., 3:]) * np.asarray(fill, np.float32)
+    return np.clip(np.round(out), 0, 255).astype(int)
+
+
+def _matrix(name, arg, h, w):
+    if name == "Rotate":
+        ang = -math.radians(arg)
+        a, b, d, e = math.cos(ang), math.sin(ang), -math.sin(ang), math.cos(ang)
+        return a, b, -a * w / 2 - b * h / 2 + w / 2, d, e, -d * w / 2 - e * h / 2 + h / 2
+    return {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+            "TranslateXRel": (1, 0, arg * w, 0, 1, 0),
+            "TranslateYRel": (1, 0, 0, 0, 1, arg * h)}[name]
+
+
+@pytest.mark.parametrize("name", ["Rotate", "ShearX", "ShearY", "TranslateXRel",
+                                  "TranslateYRel"])
+def test_geometric_ops_match_projective_transform(img, name):
+    """The hand-written warps (fill folded into a three-channel warp; translations as slices
+    and a lerp) give ImageProjectiveTransformV3's result: rare pixels one level apart (float
+    rounding at .5), at several magnitudes, both signs, two fill colours, two image sizes."""
+    big = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC))
+    for image in (img, big):
+        h, w = image.shape[:2]
+        for fill in ((124, 116, 104), (0, 255, 7)):
+            for level in (2.7, 6.1, 9.3):
+                for neg in (False, True):
+                    arg = A.level_to_arg(name, level, neg)
+                    out = A.apply_op(name, tf.constant(image), arg,
+                                     tf.constant(fill, tf.float32)).numpy().astype(int)
+                    ref = _ipt_affine(image, _matrix(name, float(arg), h, w), fill)
+                    d = np.abs(out - ref)
+                    assert d.max() <= 1 and (d > 0).mean() < 1e-3, (level, neg, fill, w)
+                    assert (out == np.asarray(fill)).all(-1).mean() > 0.005   # fill visible
+
+
+@pytest.mark.parametrize("shift", [-40, -1, 0, 3, 63, 200])
+def test_translate_whole_pixels_is_a_shift_with_fill(img, shift):
+    """A whole-pixel translation is an exact shift; vacated pixels are the fill colour."""
+    fill = np.array([124, 116, 104])
+    for axis, op in ((1, A.translate_x_rel), (0, A.translate_y_rel)):
+        n = img.shape[axis]
+        out = op(tf.constant(img), shift / n, tf.constant(fill, tf.float32)).numpy()
+        ref = np.broadcast_to(fill, img.shape).copy()
+        src = np.arange(n) + shift                      # output i samples input i + shift
+        ok = (src >= 0) & (src < n)
+        if axis == 1:
+            ref[:, ok] = img[:, src[ok]]
+        else:
+            ref[ok] = img[src[ok]]
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_equalize_degenerate_channels_match_pil():
+    """One- and two-valued channels (PIL leaves a channel with step 0 unchanged)."""
+    rng = np.random.default_rng(0)
+    x = np.stack([np.full((16, 16), 3), rng.integers(0, 256, (16, 16)),
+                  rng.choice([10, 200], (16, 16))], -1).astype(np.uint8)
+    ref = np.asarray(ImageOps.equalize(Image.fromarray(x)))
+    np.testing.assert_array_equal(A.equalize(tf.constant(x)).numpy(), ref)
+
+
+def test_randaugment_layers_apply_the_drawn_ops_in_order(img):
+    """The layer loop equals applying each drawn op (or nothing) in turn."""
+    params = dict(A.parse_randaugment("rand-m9-mstd0.5-inc1"), num_layers=3, prob=0.8)
+    fill = (124, 116, 104)
+    names = params["transforms"]
+    graph = tf.function(lambda x, s: A.randaugment(x, s, params, fill))   # as in tf.data
+    applied = 0
+    for i in range(12):
+        seed = tf.constant([i, 5], tf.int64)
+        out = graph(tf.constant(img), seed).numpy()
+        ops, apply, level, negate = A.draw_layers(A._uniform(seed, [3, A.LAYER_UNIFORMS]),
+                                                  params)
+        ref = tf.constant(img)
+        for j in range(3):
+            if bool(apply[j]):
+                name = names[int(ops[j])]
+                ref = A.apply_op(name, ref, A.level_to_arg(name, level[j], negate[j]),
+                                 tf.constant(fill, tf.float32))
+                applied += 1
+        d = np.abs(out.astype(int) - ref.numpy().astype(int))   # graph vs eager float maths:
+        assert d.max() <= 1 and (d > 0).mean() < 1e-3          # a rare .5 rounds the other way
+    assert applied >= 20                       # 36 layers at p = 0.8
+
+
 def test_posterize_zero_bits_is_black(img):
     assert A.posterize(tf.constant(img), 0).numpy().max() == 0
     np.testing.assert_array_equal(A.posterize(tf.constant(img), 8).numpy(), img)
