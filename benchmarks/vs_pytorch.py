@@ -8,7 +8,10 @@ eager and ``torch.compile``d (a fair peer is compiled), on the same batch size, 
 and precision. All runners are built and warmed up first, then timed in ``--repeats``
 interleaved rounds (each the median of ``--steps`` steps); the JSON keeps every round and
 reports the median time of each runner and the median of the per-round ratios, so a load
-spike on a shared machine hits both sides of a ratio.
+spike on a shared machine hits both sides of a ratio. Each row also has every runner's
+achieved GFLOP/s (XLA's flop count of the step) and the machine's matmul GFLOP/s for the
+model's MLP shape, measured in the same run: ``ceiling_vs_<peer>`` is the speed-up over that
+peer of a step that ran every FLOP at matmul speed, the most any implementation can reach.
 
     python benchmarks/vs_pytorch.py --image-size 224          # CPU, batch 16, four models
     python benchmarks/vs_pytorch.py --device cuda --batch 128 --dtype bfloat16
@@ -92,9 +95,57 @@ def jax_runners(name, impl, args):
         box[0], loss = train_step(box[0], x, y)
         jax.block_until_ready(loss)
 
-    runners = {"train": run_train,
-               "infer": lambda: jax.block_until_ready(infer(eval_state, x))}
+    def run_infer():
+        jax.block_until_ready(infer(eval_state, x))
+
+    # XLA's count of the floating-point work of one step (the same maths as PyTorch's):
+    # with the matmul probe below it gives the roofline of every runner.
+    run_train.flops = _flops(train_step.lower(train_state, x, y))
+    run_infer.flops = _flops(infer.lower(eval_state, x))
+    runners = {"train": run_train, "infer": run_infer}
     return {k: v for k, v in runners.items() if args.mode in (k, "both")}
+
+
+def _flops(lowered) -> float | None:
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def matmul_gflops(name, args) -> dict[str, float]:
+    """GFLOP/s of the model's largest matmul (tokens x embed_dim @ embed_dim x mlp_dim, the
+    MLP's first layer) in JAX and in PyTorch, on this machine, in the benchmark's dtype: the
+    ceiling for a step made of matmuls."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import deepvit_jax as dj
+
+    c = dj.get_config(name)
+    size = _image_size(name, args)
+    m = args.batch * ((size // c.patch_size) ** 2 + 1)
+    k, n = c.embed_dim, c.mlp_dim or 4 * c.embed_dim
+    flops = 2.0 * m * k * n
+    jdt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (m, k), jdt)
+    b = jax.random.normal(jax.random.key(1), (k, n), jdt)
+    mm = jax.jit(jnp.dot)
+    tdt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    ta = torch.randn(m, k, device=args.device, dtype=tdt)
+    tb = torch.randn(k, n, device=args.device, dtype=tdt)
+
+    def torch_mm():
+        ta @ tb
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    out = {}
+    for key, fn in (("jax", lambda: mm(a, b).block_until_ready()), ("torch", torch_mm)):
+        for _ in range(3):
+            fn()
+        out[f"{key}_matmul_gflop_s"] = round(flops / _median_time(fn, 10) / 1e9, 1)
+    return out
 
 
 def torch_runners(name, compiled, args):
@@ -166,6 +217,23 @@ def bench_model(name, args):
            "rounds_s": rounds, "errors": errors}
     for key in runners:
         row[f"{key}_img_s"] = round(args.batch / statistics.median(r[key] for r in rounds), 3)
+    # Roofline: GFLOP/s achieved by each runner (XLA's flop count of the step; PyTorch does
+    # the same maths), against the machine's matmul speed measured in the same run. The
+    # ceiling is the largest speed-up over a peer that a step running every FLOP at matmul
+    # speed could reach.
+    flops = {kind: getattr(fn, "flops", None) for key, fn in runners.items()
+             if key.startswith("jax_") for kind in [key.rsplit("_", 1)[1]]}
+    if any(flops.values()):
+        peak = matmul_gflops(name, args)
+        row.update(peak)
+        best = max(peak.values())
+        for key in runners:
+            kind = key.rsplit("_", 1)[1]
+            if flops.get(kind):
+                gf = flops[kind] / (args.batch / row[f"{key}_img_s"]) / 1e9
+                row[f"{key}_gflop_s"] = round(gf, 1)
+                if not key.startswith("jax_"):
+                    row[f"ceiling_vs_{key}"] = round(best / gf, 3)
     # Speed-ups: PyTorch time / JAX time, the median over rounds (side by side).
     for key in runners:
         if not key.startswith("jax_"):
