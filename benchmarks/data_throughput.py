@@ -8,7 +8,8 @@ Rates are images per second of *process CPU time* (``time.process_time``), so ot
 shared machine do not count; every row is measured ``--repeats`` times, interleaved with the
 others, best kept, and reported as a ratio to the PIL floor of the same run.  tf.data rows run
 one long stream (``--stream`` passes over the images in one iterator, consumed in C++ by
-``Dataset.reduce``), as training does: building an iterator costs tens of ms, once per epoch.
+``Dataset.reduce``), as training does, and are steady-state rates: the iterator's fixed
+set-up (paid once per epoch in training) is taken out by timing a full and a short stream.
 
     python benchmarks/data_throughput.py [--num-images 200] [--repeats 3]
 """
@@ -80,11 +81,20 @@ def tf_stream(jpegs: list[bytes], fn, stream: int):
     return ds
 
 
-def bench_tf(ds, n: int) -> float:
-    """Images per CPU-second of one pass over ``ds`` (n elements)."""
+def _cpu_seconds(ds) -> float:
     t = time.process_time()
     ds.reduce(0, lambda a, _: a + 1)
-    return n / (time.process_time() - t)
+    return time.process_time() - t
+
+
+def bench_tf(ds, n: int) -> float:
+    """Steady-state images per CPU-second of ``ds`` (n elements): the marginal rate between a
+    full pass and a pass over its first n / 8 elements. Every pass builds a new iterator,
+    which costs a fixed set-up (tf.data optimises the whole map function: ~0.4 s for the
+    full recipe's RandAugment graph); a training run builds one per epoch (1.28 M images on
+    ImageNet), so only the per-image cost matters, and the PIL loop has no set-up either."""
+    short = n // 8
+    return (n - short) / max(_cpu_seconds(ds) - _cpu_seconds(ds.take(short)), 1e-9)
 
 
 def main(argv=None):

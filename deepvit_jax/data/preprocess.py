@@ -68,7 +68,9 @@ def _triangle(x):
 
 # interpolation -> (kernel, radius) of the anti-aliased resize (tf.image.resize's choices)
 _KERNELS = {"bicubic": (_keys_cubic, 2.0), "bilinear": (_triangle, 1.0)}
-_BLOCK = 16     # output rows per matrix block: small blocks waste few zero weights
+# Output rows per matrix block. 8 measured fastest for the eval transform (blocks of 16:
+# +4 % time, 4: +10 %, 32: +22 %): larger blocks multiply more zero weights.
+_BLOCK = 8
 
 
 def _resize_axis(x, out_size, kernel, radius: float, first=0, count=None):
