@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as _tfds_in1k
+import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def decodes(data: bytes) -> bool:
     return True
 
 
-class ValidatedImagenet2012(_tfds_in1k.Builder, skip_registration=True):
+class ValidatedImagenet2012(tfds.builder_cls("imagenet2012"), skip_registration=True):
     """TFDS's imagenet2012 builder that skips and counts undecodable images."""
 
     name = "imagenet2012"
