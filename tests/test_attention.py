@@ -168,6 +168,17 @@ def test_sharded_parity_on_8_devices():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
+def batchnorm_reattention(a, v, w, bias, gamma, beta, eps):
+    """BatchNorm_train(W A + b) weighing v, written out in jnp (the oracle of the fold):
+    (out, biased batch variance of the mixed maps)."""
+    mixed = jnp.einsum("oh,bhij->boij", w, a) + bias[None, :, None, None]
+    mean = mixed.mean(axis=(0, 2, 3), keepdims=True)
+    var = jnp.mean((mixed - mean) ** 2, axis=(0, 2, 3))
+    normed = (mixed - mean) * jax.lax.rsqrt(var[None, :, None, None] + eps)
+    normed = normed * gamma[None, :, None, None] + beta[None, :, None, None]
+    return jnp.einsum("boij,bojd->boid", normed, v), var
+
+
 def test_folded_vjp_matches_autodiff_of_batchnorm():
     """The custom VJP alone, on random heads-major q, k, v, against autodiff of
     BatchNorm_train(W A + b) written out in jnp (the cotangent of the returned variance
@@ -182,12 +193,7 @@ def test_folded_vjp_matches_autodiff_of_batchnorm():
 
     def unfolded(q, k, v, w, gamma, beta):
         a = jax.nn.softmax(jnp.einsum("bhid,bhjd->bhij", q, k) * scale, axis=-1)
-        mixed = jnp.einsum("oh,bhij->boij", w, a) + bias[None, :, None, None]
-        mean = mixed.mean(axis=(0, 2, 3), keepdims=True)
-        var = jnp.mean((mixed - mean) ** 2, axis=(0, 2, 3))
-        normed = (mixed - mean) * jax.lax.rsqrt(var[None, :, None, None] + eps)
-        normed = normed * gamma[None, :, None, None] + beta[None, :, None, None]
-        return jnp.einsum("boij,bojd->boid", normed, v), var
+        return batchnorm_reattention(a, v, w, bias, gamma, beta, eps)
 
     def fold(q, k, v, w, gamma, beta):
         return folded.reattention_train(attention.XLA_PASSES, scale, eps, q, k, v, w, gamma,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention import batchnorm_reattention
 
 from deepvit_jax.models.attention import folded, pallas_gpu, pallas_tpu
 from deepvit_jax.models.attention.folded import Passes
@@ -181,12 +182,7 @@ def test_folded_vjp_with_pallas_passes_matches_autodiff_of_batchnorm():
 
     def unfolded(q, k, v, w, gamma, beta):
         _, a = _maps(q, k, scale)
-        mixed = jnp.einsum("oh,bhij->boij", w, a) + bias[None, :, None, None]
-        mean = mixed.mean(axis=(0, 2, 3), keepdims=True)
-        var = jnp.mean((mixed - mean) ** 2, axis=(0, 2, 3))
-        normed = (mixed - mean) * jax.lax.rsqrt(var[None, :, None, None] + eps)
-        normed = normed * gamma[None, :, None, None] + beta[None, :, None, None]
-        return jnp.einsum("boij,bojd->boid", normed, v), var
+        return batchnorm_reattention(a, v, w, bias, gamma, beta, eps)
 
     def fold(*args):
         return folded.reattention_train(passes, scale, eps, *args)
