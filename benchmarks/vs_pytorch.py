@@ -223,8 +223,8 @@ def bench_model(name, args):
     # the same maths), against the machine's matmul speed measured in the same run. The
     # ceiling is the largest speed-up over a peer that a step running every FLOP at matmul
     # speed could reach.
-    flops = {kind: getattr(fn, "flops", None) for key, fn in runners.items()
-             if key.startswith("jax_") for kind in [key.rsplit("_", 1)[1]]}
+    flops = {key.rsplit("_", 1)[1]: fn.flops for key, fn in runners.items()   # the JAX ones
+             if hasattr(fn, "flops")}
     if any(flops.values()):
         peak = matmul_gflops(name, args)
         row.update(peak)

@@ -103,21 +103,19 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
         return str(path)
     if name.split(":")[0].split("/")[0] == "imagenet2012":
         check_imagenet_manual_dir(manual_dir)
-        if name in ("imagenet2012", "imagenet2012:5.1.0"):
-            from deepvit_jax.data.builders.imagenet import ValidatedImagenet2012
+    if name in ("imagenet2012", "imagenet2012:5.1.0"):   # every image checked, bad ones skipped
+        from deepvit_jax.data.builders.imagenet import ValidatedImagenet2012
 
-            builder = ValidatedImagenet2012(data_dir=data_dir)
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-            _report_skipped(builder.skipped)
-            return str(builder.data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise PrepareError(f"unknown dataset {name!r}: use digits, folder, imagenet2012 or a "
-                           f"TFDS name ({str(e).splitlines()[0]})") from None
+        builder = ValidatedImagenet2012(data_dir=data_dir)
+    else:
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise PrepareError(f"unknown dataset {name!r}: use digits, folder, imagenet2012 or "
+                               f"a TFDS name ({str(e).splitlines()[0]})") from None
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=config)
+    _report_skipped(getattr(builder, "skipped", {}))
     return str(builder.data_dir)
 
 

@@ -282,8 +282,8 @@ class HostTrainStream:
         self.batches_per_epoch = self.num_read // self.read_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the train split {dataset.train_split!r} has {self.num_read} examples "
-                f"{'' if self.global_order else 'per process '}, fewer than the batch "
+                f"the train split {dataset.train_split!r} has {self.num_read} examples"
+                f"{'' if self.global_order else ' per process'}, fewer than the batch "
                 f"{self.read_batch} (global_batch_size={self.global_batch_size}, "
                 f"{pc} processes)")
         self.augment = aug_lib.make_train_augment(data_cfg, image_size=self.image_size,
@@ -302,15 +302,15 @@ class HostTrainStream:
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
-        must_match = [("global_batch_size", self.global_batch_size),
-                      ("global_order", self.global_order)]
-        if not self.global_order:   # each process's stream depends on the process count
-            must_match.append(("process_count", self.process_count))
-        for key, mine in must_match:
-            theirs = state.get(key, True if key == "global_order" else None)
-            if theirs != mine and (theirs is None or type(mine)(theirs) != mine):
-                raise ValueError(f"iterator state has {key}={theirs}, this run has {mine}: "
-                                 "the saved data position cannot be reproduced")
+        saved = {"global_batch_size": int(state["global_batch_size"]),
+                 "global_order": bool(state.get("global_order", True)),   # older states
+                 "process_count": int(state["process_count"])}
+        mine = {k: v for k, v in self.get_state().items() if k in saved}
+        # In the global order the stream does not depend on the process count.
+        for key in saved.keys() - ({"process_count"} if self.global_order else set()):
+            if saved[key] != mine[key]:
+                raise ValueError(f"iterator state has {key}={saved[key]}, this run has "
+                                 f"{mine[key]}: the saved data position cannot be reproduced")
         self.seed = int(state["seed"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if self.position >= self.batches_per_epoch:
@@ -370,10 +370,9 @@ class HostTrainStream:
                  f"images of epoch {self.epoch} after batch {self.position}")
         return InputError(
             f"train split {self.split!r} of {self.cfg.dataset!r}: {which} failed to decode; "
-            "a skipped image "
-            "would shift every later batch (and desynchronise processes), so prepare the "
-            "dataset with `python -m deepvit_jax.data prepare ...`, which skips and counts "
-            "undecodable images")
+            "a skipped image would shift every later batch (and desynchronise processes), so "
+            "prepare the dataset with `python -m deepvit_jax.data prepare ...`, which skips "
+            "and counts undecodable images")
 
     def __iter__(self):
         return self
