@@ -50,7 +50,7 @@ def main() -> None:
     every = args.every or config.collapse_every_steps or 20
     with tempfile.TemporaryDirectory() as workdir:
         run = setup(config, workdir)
-        probe = make_probe(run)
+        probe = make_probe(run.model_def, run.rest, run.evaluator.eval_batches)
         batches = [next(run.train_iter) for _ in range(4)]
         state = run.state
         # compile both, then warm up

@@ -3,7 +3,7 @@
     python -m deepvit_jax.main --config configs/i1k_ft384.py:deepvit_l_384 \
         --workdir runs/deepvit_l_384 --config.init_from=PATH_TO_DEEPVIT_L_224_MODEL
 
-PATH is a model directory (``deepvit_jax.checkpoint.save_model``): the converted official
+PATH is a model directory (``deepvit_jax.model_dir.save_model``): the converted official
 DViT_83_32b.pth.tar, or the exported EMA weights of a ``configs/i1k.py:deepvit_l`` run. The
 position embedding is resized bicubically from 14x14 to 24x24; everything else is copied.
 

@@ -26,6 +26,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
+import deepvit_jax
+from deepvit_jax import analysis, predict
+from deepvit_jax.convert import from_pytorch
+from deepvit_jax.data.__main__ import prepare
+from deepvit_jax.data.pipeline import dataset_info, get_builder
+from deepvit_jax.errors import DatasetNotPreparedError
+from deepvit_jax.model_dir import load_model
+from deepvit_jax.utils import atomic_output
+from deepvit_jax.workdir import WorkdirLock, latest_step
+
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = DRIVE_MOUNT + "/MyDrive"
 OFFICIAL_REPO = "https://github.com/zhoudaquan/dvit_repo"
@@ -88,8 +100,6 @@ def _unused_accelerator() -> str | None:
 
 def detect_runtime(verbose: bool = True) -> Runtime:
     """The platform JAX runs on, printed as one line; on CPU, what to do for full size."""
-    import jax
-
     devices = jax.devices()
     platform = devices[0].platform  # 'tpu', 'gpu' (CUDA / ROCm) or 'cpu'
     kind = getattr(devices[0], "device_kind", platform)
@@ -158,45 +168,19 @@ def resolve_workdir(path: str, local_root: str = "runs", *,
     removes a lock of another host, saying so: one Colab runtime per workdir."""
     path = drive_or_local(path, "workdir", local_root)
     os.makedirs(path, exist_ok=True)
-    if in_colab() if take_over_lock is None else take_over_lock:
-        _take_over_lock(path)
+    if (in_colab() if take_over_lock is None else take_over_lock) and (
+            host := WorkdirLock(path).take_over_from_other_host()):
+        say(f"workdir: removed the lock of the runtime that trained here before (host {host}, "
+            f"now gone); do not train into one workdir from two runtimes at once")
     step = latest_checkpoint(path)
     say(f"workdir: {path}" + (f" (holds checkpoint step {step}: training resumes from it)"
                               if step is not None else " (new run)"))
     return path
 
 
-def _take_over_lock(workdir: str) -> None:
-    import json
-    import socket
-
-    lock = os.path.join(workdir, "lock")
-    try:
-        with open(lock) as f:
-            owner = json.load(f)
-    except (OSError, ValueError):
-        return  # no lock (an unreadable one is the training loop's to judge)
-    host = owner.get("host") if isinstance(owner, dict) else None
-    if host and host != socket.gethostname():
-        os.remove(lock)
-        say(f"workdir: removed the lock of the runtime that trained here before (host {host}, "
-            f"now gone); do not train into one workdir from two runtimes at once")
-
-
 def latest_checkpoint(workdir: str) -> int | None:
     """The latest complete training checkpoint step in ``workdir/checkpoints``, or None."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    import orbax.checkpoint as ocp
-
-    # Read-only: a manager without create / cleanup, closed right away.
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=False, read_only=True))
-    try:
-        return mgr.latest_step()
-    finally:
-        mgr.close()
+    return latest_step(workdir)
 
 
 # --------------------------------------------------------------------------------------
@@ -261,9 +245,6 @@ def training_config(runtime: str, dataset: str, overrides: Mapping[str, Any] | N
 def prepare_dataset(data_cfg):
     """Download and prepare ``data_cfg.dataset`` through TFDS if it is not ready; returns the
     ``DatasetInfo`` and prints its classes and split sizes."""
-    from deepvit_jax.data.__main__ import prepare
-    from deepvit_jax.data.pipeline import DatasetNotPreparedError, dataset_info, get_builder
-
     name = str(data_cfg.dataset)
     try:
         get_builder(data_cfg)
@@ -359,8 +340,6 @@ def load_weights(path: str | None, model: str, **overrides):
     PyTorch file (``.pth.tar`` of the official release, ``.pth``, ``.safetensors``) converted
     with ``from_pytorch``. Without a usable ``path``, a randomly initialised ``model`` (in eval
     mode) and one line saying so."""
-    import deepvit_jax
-
     found = find_weights(path) if path is not None else None
     if found is None:
         net = deepvit_jax.create_model(model, **overrides)
@@ -368,13 +347,9 @@ def load_weights(path: str | None, model: str, **overrides):
         say(f"weights: random {model} (predictions are meaningless until you load weights)")
         return net
     if os.path.isdir(found):
-        from deepvit_jax.checkpoint import load_model
-
         net = load_model(found)
         say(f"weights: model directory {found} ({net.config.name})")
     else:
-        from deepvit_jax.convert import from_pytorch
-
         official = OFFICIAL_FILES.get(os.path.basename(found))
         if official and official != model:
             say(f"weights: {os.path.basename(found)} is the official {official}: converting "
@@ -394,10 +369,8 @@ def load_weights(path: str | None, model: str, **overrides):
 
 def sample_image(path: str = "cat.png") -> str:
     """scikit-image's sample photo of a cat (``skimage.data.chelsea``) saved as ``path``."""
-    from PIL import Image
+    from PIL import Image  # the extras of the notebooks
     from skimage import data
-
-    from deepvit_jax.utils import atomic_output
 
     with atomic_output(path) as tmp:
         Image.fromarray(data.chelsea()).save(tmp, format="PNG")
@@ -408,8 +381,6 @@ def classify(model, images: Sequence[str], k: int = 5, names_file: str | None = 
              ) -> list[list[tuple[int, float, str]]]:
     """Top-``k`` (class index, probability, name) of each image file, printed as
     ``python -m deepvit_jax.predict`` prints them (the same preprocessing and names)."""
-    from deepvit_jax import predict
-
     cfg = model.config
     names = predict.class_names(cfg.num_classes, names_file)
     batch, labels = predict.load_inputs(list(images), cfg)
@@ -456,8 +427,6 @@ def analyse_checkpoints(paths: Mapping[str, str], *, num_images: int = 64, k: in
                         threshold: float = 0.9, dataset: str = "") -> dict[str, Analysed]:
     """``analyse_checkpoint`` of each labelled path (model directory, training workdir or
     checkpoint), one line each: depth, similar blocks, mean similarity to the next block."""
-    from deepvit_jax import analysis
-
     out = {}
     for label, path in paths.items():
         result, model, images = analysis.analyse_checkpoint(
@@ -474,8 +443,6 @@ def analyse_checkpoints(paths: Mapping[str, str], *, num_images: int = 64, k: in
 
 def show_similarity(analysed: Mapping[str, Analysed]) -> None:
     """Every checkpoint on one figure (``analysis.plot_similarity``), inline."""
-    from deepvit_jax import analysis
-
     show(analysis.plot_similarity({label: a.result for label, a in analysed.items()}))
 
 
@@ -483,8 +450,6 @@ def show_attention(analysed: Mapping[str, Analysed], blocks: Sequence[int], inde
                    ) -> None:
     """The class token's attention of ``blocks`` over image ``index``, one figure per
     checkpoint (``analysis.plot_attention``), inline."""
-    from deepvit_jax import analysis
-
     for label, a in analysed.items():
         maps = analysis.collect_maps(a.model, a.images[index:index + 1])
         cfg = a.model.config
@@ -495,10 +460,7 @@ def show_attention(analysed: Mapping[str, Analysed], blocks: Sequence[int], inde
 def show_image_attention(model, image: str, blocks: Sequence[int]) -> None:
     """The class token's attention of ``blocks`` over one image file (its evaluation
     preprocessing), inline: head-averaged and per head."""
-    from deepvit_jax import analysis
-    from deepvit_jax.predict import load_inputs
-
-    batch, _ = load_inputs([image], model.config)
+    batch, _ = predict.load_inputs([image], model.config)
     maps = analysis.collect_maps(model, batch)
     show(analysis.plot_attention(batch, maps, blocks, mean=model.config.mean,
                                  std=model.config.std, title=os.path.basename(image)))

@@ -1,8 +1,10 @@
 """The project's error types and the exit statuses of every command line.
 
-Each error's message names the field, file or key and says what to do. The command lines
-(``main``, ``convert``, ``predict``, ``data``, ``evaluate``, ``export``) run inside
-:func:`cli_errors`, which turns them into one line on stderr and an exit status:
+Each error's message names the field, file or key and says what to do. Every error class of
+the package lives here, in one hierarchy under :class:`DeepViTError`. The command lines
+(``main``, ``convert``, ``predict``, ``data``, ``evaluate``, ``export``, ``analysis``) run
+inside ``deepvit_jax.cli.cli_errors``, which turns them into one line on stderr and the exit
+status of :func:`exit_code`:
 
 ====  ===================================================================================
 0     done (or preempted: a checkpoint was saved, run the same command again to resume)
@@ -18,11 +20,6 @@ of the errors above too.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
 
 EXIT_OK = 0
 EXIT_NONFINITE = 1
@@ -64,6 +61,46 @@ class Aborted(DeepViTError):
     exit_code = EXIT_ABORTED
 
 
+class NonFiniteLossError(TrainingStopped, RuntimeError):
+    """The loss (or gradient norm, or the parameters) became NaN/inf; the message names the
+    step."""
+
+
+class Preempted(DeepViTError):
+    """Raised inside an evaluation interrupted by SIGTERM / SIGINT; the training loop saves a
+    checkpoint and stops (exit status 0: run the same command to resume)."""
+
+    exit_code = EXIT_OK
+
+
+class ModelFileError(InputError):
+    """A model directory is missing, incomplete or does not match its config."""
+
+
+class CheckpointError(InputError):
+    """A path that is not a readable model directory or training checkpoint; the message
+    names the file and the fix."""
+
+
+class DatasetNotPreparedError(InputError):
+    """The dataset (TFDS name or image folder) has not been prepared; the message gives the
+    ``python -m deepvit_jax.data prepare`` command."""
+
+
+class PrepareError(InputError):
+    """``python -m deepvit_jax.data prepare`` cannot prepare the dataset (missing or wrong
+    files); the message lists each problem and the fix."""
+
+
+class ConversionError(InputError):
+    """PyTorch weights that cannot be converted (unknown layout, missing or extra keys,
+    shapes that do not match the target model)."""
+
+
+class EmptySplitError(InputError):
+    """An image-folder split without a single decodable image."""
+
+
 def one_line(message: object) -> str:
     """``message`` on one line (multi-line details joined with '; ')."""
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
@@ -85,39 +122,3 @@ def exit_code(exc: BaseException, input_errors: tuple[type[BaseException], ...] 
     if isinstance(exc, OSError):
         return EXIT_IO
     return -1
-
-
-@contextlib.contextmanager
-def cli_errors(input_errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Run a command line's body: the project's errors (and ``input_errors``, e.g. a
-    module's own ValueError subclass) become ``error: <one line>`` on stderr and
-    ``SystemExit(code)``. Other exceptions propagate with their traceback (bugs).
-
-        with cli_errors():
-            run(args)
-    """
-    try:
-        yield
-    except (Exception, KeyboardInterrupt) as e:  # mapped below, or re-raised
-        if isinstance(e, KeyboardInterrupt):
-            print("error: interrupted", file=sys.stderr)
-            raise SystemExit(EXIT_ABORTED) from None
-        code = exit_code(e, input_errors)
-        if code < 0 or os.environ.get("DEEPVIT_TRACEBACK"):
-            raise
-        text = one_line(e)
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-            text = f"{e.filename}: {text}"
-        print(f"error: {text}", file=sys.stderr, flush=True)
-        raise SystemExit(code) from None
-
-
-def run_cli(body, *, input_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """``body()`` inside :func:`cli_errors`; returns the exit status (0 when it returns)
-    instead of raising SystemExit, for ``main(argv) -> int`` entry points."""
-    try:
-        with cli_errors(input_errors):
-            body()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    return 0

@@ -1,10 +1,12 @@
 """Export a training checkpoint as a model directory.
 
-  python -m deepvit_jax.export runs/deepvit_l_i1k --out models/deepvit_l --ema
-  python -m deepvit_jax.export runs/default --step 440 --out models/digits --bn-recalibrate 10
+  python -m deepvit_jax.export --checkpoint runs/deepvit_l_i1k --out models/deepvit_l --ema
+  python -m deepvit_jax.export --checkpoint runs/default --step 440 --out models/digits \
+      --bn-recalibrate 10
 
-WORKDIR is a training workdir (its latest checkpoint, or ``--step N``) or one checkpoint
-``WORKDIR/checkpoints/N``. The output is the format of ``deepvit_jax.checkpoint.save_model``
+``--checkpoint`` is a training workdir (its latest checkpoint, or ``--step N``) or one
+checkpoint ``WORKDIR/checkpoints/N``. The output is the format of
+``deepvit_jax.model_dir.save_model``
 (config.json + Orbax weights), which ``python -m deepvit_jax.predict``,
 ``python -m deepvit_jax.evaluate``, ``python -m deepvit_jax.convert --to-pytorch`` and a
 training config's ``init_from`` read. ``--ema`` exports the EMA weights (and their BatchNorm
@@ -16,7 +18,7 @@ the running statistics are exported as they are.
 The directory is written under a temporary name and renamed at the end; an existing
 ``--out`` is refused (``--overwrite`` replaces it), and so is an output inside the input.
 
-Python API: :func:`export(workdir, out, step=None, ema=False, bn_recalibrate=0) <export>`
+Python API: :func:`export(checkpoint, out, step=None, ema=False, bn_recalibrate=0) <export>`
 -> the absolute path written.
 
 Exit status: 0 done, 2 bad input (a message naming the file or option and the fix).
@@ -24,46 +26,39 @@ Exit status: 0 done, 2 bad input (a message naming the file or option and the fi
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
 import jax
 
-from deepvit_jax.errors import ConfigError
-from deepvit_jax.evaluate import (
-    CheckpointError,
-    add_distributed_flags,
-    check_output,
-    eval_config,
-    load_checkpoint,
-    make_evaluator,
-)
+from deepvit_jax import cli
+from deepvit_jax.errors import CheckpointError, ConfigError
+from deepvit_jax.model_dir import save_model
+from deepvit_jax.saved_run import eval_config, load_checkpoint, saved_run_evaluator
 
 log = logging.getLogger(__name__)
 
 
-def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False,
+def export(checkpoint: str, out: str, *, step: int | None = None, ema: bool = False,
            bn_recalibrate: int = 0, overwrite: bool = False) -> str:
-    """Write the model of training checkpoint ``workdir`` (latest, or ``step``) to the model
-    directory ``out``; returns its absolute path."""
-    from deepvit_jax.checkpoint import save_model
-
-    out = check_output(out, [workdir], "--out")
+    """Write the model of the training checkpoint ``checkpoint`` (a workdir: its latest, or
+    ``step``; or ``WORKDIR/checkpoints/N``) to the model directory ``out``; returns its
+    absolute path."""
+    out = cli.check_output(out, [checkpoint], flag="--out")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists; choose another path or pass "
                               f"--overwrite to replace it")
-    loaded = load_checkpoint(workdir, step)
+    loaded = load_checkpoint(checkpoint, step)
     if loaded.source.kind != "training":
         raise CheckpointError(f"{loaded.source.path} is already a model directory; export "
                               f"reads training checkpoints (copy the directory instead)")
     for p in (loaded.source.path, loaded.source.checkpoints_dir):
-        check_output(out, [p], "--out")
+        cli.check_output(out, [p], flag="--out")
     params, stats = loaded.weights(ema)
     if bn_recalibrate:
         config = eval_config(loaded, bn_recalibrate=bn_recalibrate)
-        ev, _ = make_evaluator(loaded, config)
+        ev, _ = saved_run_evaluator(loaded, config)
         if not ev.num_recal:
             log.warning("--bn-recalibrate %d: %s has no BatchNorm; exporting as it is",
                         bn_recalibrate, loaded.model_cfg.name)
@@ -73,39 +68,29 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m deepvit_jax.export",
-        description="Turn a training checkpoint into a model directory (predict, evaluate, "
-                    "convert --to-pytorch and init_from read it).",
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdir", metavar="WORKDIR",
-                   help="training workdir, or WORKDIR/checkpoints/<step>")
+    p = cli.parser("deepvit_jax.export", "Turn a training checkpoint into a model directory "
+                   "(predict, evaluate, convert --to-pytorch and init_from read it).", __doc__)
+    cli.add_checkpoint_flag(p, help="training workdir, or WORKDIR/checkpoints/<step>")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="K",
                    help="store BatchNorm statistics re-estimated on K training batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_distributed_flags(p)
+    cli.add_distributed_flags(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    # Orbax's notes on opening checkpoints read-only are not the user's concern.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-    from deepvit_jax import parallel
-    from deepvit_jax.errors import run_cli
+    cli.setup_console(args.verbose, library_warnings=False)
 
     def body():
         if args.bn_recalibrate < 0:
             raise ConfigError(f"--bn-recalibrate {args.bn_recalibrate}: must be >= 0")
-        parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id)
-        path = export(args.workdir, args.out, step=args.step, ema=args.ema,
+        cli.init_distributed(args)
+        path = export(args.checkpoint, args.out, step=args.step, ema=args.ema,
                       bn_recalibrate=args.bn_recalibrate, overwrite=args.overwrite)
         if jax.process_index() == 0:
             print(f"wrote {path}")
 
-    return run_cli(body)
+    return cli.run_cli(body)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,14 @@ Any config field can be overridden: ``--config.batch_size=256``,
 again resumes from the latest complete checkpoint in ``DIR/checkpoints``.
 
 Multi-host: on TPU pods and under SLURM (several tasks) ``jax.distributed`` is initialised
-from the environment; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
---process_id=I`` to every process. Only process 0 writes logs and metrics.
+from the environment; elsewhere pass ``--coordinator-address=HOST:PORT --num-processes=N
+--process-id=I`` to every process. Only process 0 writes logs and metrics.
+
+The console shows the progress bar (step, loss, lr, img/s, ETA), one line per evaluation,
+warnings and the final line; ``DIR/train.log`` holds the full config, the training rows
+(every ``log_every_steps``) and every checkpoint save. ``--verbose`` shows those INFO lines
+and the TensorFlow / XLA notices on the console too. A mistake in ``--config`` or its
+overrides is one line naming the file, line or field (``deepvit_jax/cli.py``).
 
 Exit status (``deepvit_jax/errors.py``, the README): 0 done (or preempted after saving a
 checkpoint), 1 NaN/inf loss, 2 bad config or input, 3 workdir locked by another run, 4 I/O
@@ -17,70 +23,42 @@ error, 130 interrupted twice. Every failure is one line on stderr naming the fie
 
 from __future__ import annotations
 
-import logging
+import jax
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
+from deepvit_jax import cli, parallel
+from deepvit_jax import workdir as workdir_lib
+from deepvit_jax.train.loop import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file and its argument (configs/FILE.py[:ARG]).",
-    lock_config=True)
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
-_COORD = flags.DEFINE_string("coordinator_address", "",
-                             "host:port of process 0 for multi-process runs outside TPU/SLURM.")
-_NPROC = flags.DEFINE_integer("num_processes", 0,
-                             "Number of processes (with --coordinator_address).")
-_PID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+_DIST = cli.define_absl_distributed_flags()
+_VERBOSE = cli.define_verbose_flag()
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _setup_logging(workdir: str, is_main: bool) -> None:
-    from absl import logging as absl_logging
-
-    from deepvit_jax.utils import as_path, is_local
-
-    absl_logging.set_verbosity(absl_logging.INFO if is_main else absl_logging.WARNING)
-    absl_logging.use_absl_handler()
-    if is_main and is_local(workdir):
-        # train.log is a local convenience; a gs:// workdir keeps metrics.jsonl and
-        # TensorBoard (object stores cannot append a log line by line).
-        path = as_path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-    # Orbax and TFDS log every checkpoint / dataset step through absl at INFO: keep warnings.
-    def quiet(record):
-        noisy = any(k in record.pathname for k in ("orbax", "tensorflow_datasets", "jax/_src"))
-        return record.levelno >= logging.WARNING or not noisy
-
-    absl_logging.get_absl_handler().addFilter(quiet)
 
 
 def main(argv):
     del argv
-    from deepvit_jax.errors import cli_errors
-
-    with cli_errors():
+    cli.setup_console(_VERBOSE.value)
+    with cli.cli_errors():
         _train()
 
 
 def _train():
-    from deepvit_jax import parallel
-
-    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    import jax
-
-    _setup_logging(_WORKDIR.value, jax.process_index() == 0)
-    from deepvit_jax.train.loop import train_and_evaluate
-
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if jax.process_index() == 0 and metrics:
+    parallel.initialize_distributed(_DIST["coordinator_address"].value,
+                                    _DIST["num_processes"].value, _DIST["process_id"].value)
+    is_main = jax.process_index() == 0
+    log_file = cli.add_log_file(workdir_lib.train_log(_WORKDIR.value)) if is_main else None
+    try:
+        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    finally:
+        cli.remove_log_file(log_file)
+    if is_main and metrics:
         print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
 
 def run():
-    app.run(main)
+    cli.run_absl(main)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepvit_jax.errors import ConfigError
-from deepvit_jax.utils import path_str
+from deepvit_jax.utils import flatten_dict, path_str
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def _initialize(**kwargs) -> None:
         raise ConfigError(
             f"multi-process start-up failed after up to {timeout} s ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}): start every process (the same "
-            "command with its own --process_id, or srun with --ntasks), check "
-            "--coordinator_address is reachable; DEEPVIT_INIT_TIMEOUT_S sets the wait") from None
+            "command with its own --process-id, or srun with --ntasks), check "
+            "--coordinator-address is reachable; DEEPVIT_INIT_TIMEOUT_S sets the wait") from None
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -91,8 +92,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ConfigError(
-                f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
-                f"0 <= --process_id < num_processes (got {num_processes}, {process_id})")
+                f"--coordinator-address={coordinator_address} needs --num-processes >= 1 and "
+                f"0 <= --process-id < num_processes (got {num_processes}, {process_id})")
         if num_processes == 1:
             return False
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -118,11 +119,7 @@ def check_processes(config_json: dict, ok: bool = True, problem: str = "") -> No
     replicas that silently differ)."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
-    from deepvit_jax.train.checkpoints import _flatten
-
-    flat = _flatten(config_json)
+    flat = flatten_dict(config_json)
     keys = sorted(flat)
     mine = np.array([int(ok)] + [_leaf_hash(flat[k]) for k in keys], np.int64)
     # Different field sets would make the gathered shapes differ: gather the count first.

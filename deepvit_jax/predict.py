@@ -12,16 +12,23 @@ of already preprocessed float NHWC images of the model's size.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
-from importlib import resources
 from collections.abc import Sequence
+from importlib import resources
 
+import jax
 import numpy as np
+import tensorflow as tf
+from flax import nnx
+from tqdm import tqdm
 
-from deepvit_jax.utils import atomic_output
+from deepvit_jax import cli
+from deepvit_jax.data.pipeline import ImageSpec
+from deepvit_jax.data.preprocess import decode_image
+from deepvit_jax.model_dir import load_model
+from deepvit_jax.utils import as_path, atomic_output
 
 CLASSES_FILE = "imagenet_classes.txt"
 
@@ -52,11 +59,6 @@ def class_names(num_classes: int, names_file: str | None = None) -> list[str]:
 def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
     """Image files (any format TensorFlow decodes) and/or .npy batches -> float32 NHWC batch
     of the model's size, with one label per row for printing."""
-    import tensorflow as tf
-
-    from deepvit_jax.data.pipeline import ImageSpec
-    from deepvit_jax.data.preprocess import decode_image
-
     spec = ImageSpec.of(cfg)
     want = (cfg.image_size, cfg.image_size, 3)
     batches, labels = [], []
@@ -92,10 +94,6 @@ def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
 def predict_logits(model, images: np.ndarray, *, batch_size: int = 32,
                    progress: bool = False) -> np.ndarray:
     """float32 logits (N, num_classes) of ``model`` (eval mode) for an NHWC batch."""
-    import jax
-    from flax import nnx
-    from tqdm import tqdm
-
     model.check_input(images[:1])
     model.eval()
     # Split once and jit a pure function of the arrays: nnx.jit would walk the module graph
@@ -123,66 +121,32 @@ def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    from deepvit_jax.utils import as_path
-
     with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
         np.save(f, array)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return value
-
-
-def check_output(output: str, inputs: Sequence[str], *, overwrite: bool) -> None:
-    """Refuse an ``--output`` that is an input, a directory, not ``.npy``, or (without
-    ``overwrite``) an existing file, before anything runs."""
-    from deepvit_jax.errors import InputError
-
-    real = os.path.realpath(output)
-    if any(real == os.path.realpath(i) for i in inputs):
-        raise InputError(f"--output {output} is one of the inputs: give a new file name")
-    if not output.endswith(".npy"):
-        raise InputError(f"--output {output}: the logits are written as a .npy file; give a "
-                         "name ending in .npy")
-    if os.path.isdir(output):
-        raise InputError(f"--output {output} is a directory: give a file name ending in .npy")
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(f"--output {output} already exists (add --overwrite to "
-                              "replace it)")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m deepvit_jax.predict",
-        description="Top-k classes (with ImageNet names for 1000-class models) for image "
-                    "files, or a .npy batch of preprocessed NHWC images, using a model "
-                    "directory written by deepvit_jax (save_model / the convert CLI / "
-                    "training).", epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model directory (config.json + state/)")
+    p = cli.parser("deepvit_jax.predict", "Top-k classes (with ImageNet names for 1000-class "
+                   "models) for image files, or a .npy batch of preprocessed NHWC images, "
+                   "using a model directory written by deepvit_jax (save_model / the convert "
+                   "CLI / export).", __doc__)
+    cli.add_checkpoint_flag(p, help="model directory (config.json + state/)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE",
                    help="image files (JPEG, PNG, GIF, BMP) and/or .npy batches")
     p.add_argument("--output", help="save the raw logits (N, num_classes) to this .npy file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output file")
-    p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--top-k", type=cli.positive_int, default=5)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--class-names", help="text file with one class name per line "
                                          "(default: ImageNet names for 1000 classes)")
     args = p.parse_args(argv)
-
-    from deepvit_jax.checkpoint import load_model
-    from deepvit_jax.errors import run_cli
+    cli.setup_console(args.verbose)
 
     def body():
         if args.output:
-            check_output(args.output, args.inputs, overwrite=args.overwrite)
+            cli.check_output(args.output, args.inputs, overwrite=args.overwrite,
+                             suffix=".npy")
         model = load_model(args.checkpoint)
         cfg = model.config
         names = class_names(cfg.num_classes, args.class_names)
@@ -198,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             print(f"logits {logits.shape} saved to {args.output}")
 
-    return run_cli(body, input_errors=(ValueError,))
+    return cli.run_cli(body, input_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 from etils import epath
@@ -26,6 +27,16 @@ def path_str(path, sep: str = "/") -> str:
         else:
             parts.append(str(getattr(k, "key", k)))
     return sep.join(parts)
+
+
+def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{'a.b.c': leaf}`` (dotted keys)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def is_local(path) -> bool:

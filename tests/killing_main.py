@@ -13,7 +13,8 @@ import signal
 
 from deepvit_jax import main as main_lib
 from deepvit_jax.data import pipeline
-from deepvit_jax.train import checkpoints, reporting
+from deepvit_jax import workdir as checkpoints
+from deepvit_jax.train import reporting
 
 KIND, _, STEP = os.environ["KILL_AT"].partition(":")
 

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from deepvit_jax import checkpoint as ck  # noqa: E402
+from deepvit_jax import model_dir as ck  # noqa: E402
 from deepvit_jax.convert.__main__ import main  # noqa: E402
 from deepvit_jax.convert.pytorch import load_state_dict  # noqa: E402
 from deepvit_jax.reference import official as R  # noqa: E402

@@ -90,7 +90,7 @@ def test_cli_two_processes_four_devices(run, tmp_path):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "deepvit_jax.evaluate", "--checkpoint",
          str(workdir / "checkpoints" / "8"), "--ema", "--output", str(out),
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+         f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -130,7 +130,7 @@ def test_bad_input(run, tmp_path, capsys):
     from flax import nnx
 
     from deepvit_jax import create_model
-    from deepvit_jax.checkpoint import save_model
+    from deepvit_jax.model_dir import save_model
 
     workdir, _ = run
     code, err = _cli(["--checkpoint", str(workdir), "--step", "5"], capsys)

@@ -54,14 +54,15 @@ def pretrained(tmp_path_factory):
 
 
 def test_export_evaluate_predict_convert(pretrained, capsys):
-    from deepvit_jax.checkpoint import load_model, read_config
+    from deepvit_jax.model_dir import load_model, read_config
     from deepvit_jax.evaluate import evaluate_checkpoint
     from deepvit_jax.export import main
     from deepvit_jax.predict import predict_logits
 
     base, workdir, row = pretrained
     out = base / "l224_model"
-    assert main([str(workdir), "--out", str(out), "--ema", "--bn-recalibrate", "2"]) == 0
+    assert main(["--checkpoint", str(workdir), "--out", str(out), "--ema",
+                 "--bn-recalibrate", "2"]) == 0
     cfg = read_config(out)
     assert cfg.name == "deepvit_l" and cfg.patch_embed == "cnn_stem" and cfg.depth == 2
     # the exported model, with its stored statistics, scores the run's EMA evaluation
@@ -79,11 +80,11 @@ def test_export_evaluate_predict_convert(pretrained, capsys):
     assert (base / "l224.pth").stat().st_size > 0
     # refused: an existing --out, an --out inside the input, a model directory as input
     capsys.readouterr()
-    assert main([str(workdir), "--out", str(out)]) == 2
+    assert main(["--checkpoint", str(workdir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main([str(workdir), "--out", str(workdir / "checkpoints" / "m")]) == 2
+    assert main(["--checkpoint", str(workdir), "--out", str(workdir / "checkpoints" / "m")]) == 2
     assert "would write into the input" in capsys.readouterr().err
-    assert main([str(out), "--out", str(base / "again")]) == 2
+    assert main(["--checkpoint", str(out), "--out", str(base / "again")]) == 2
     assert "already a model directory" in capsys.readouterr().err
     assert not (base / "again").exists()
 
@@ -92,7 +93,7 @@ def test_fine_tune_384_style_from_the_export(pretrained):
     """configs/i1k_ft384.py:deepvit_l_384 with init_from = the export, at twice the
     resolution: with a zero learning rate the first checkpoint holds the exported weights,
     pos_embed resampled from the 2x2 to the 4x4 grid."""
-    from deepvit_jax.checkpoint import model_arrays, load_model
+    from deepvit_jax.model_dir import model_arrays, load_model
     from deepvit_jax.export import export
     from deepvit_jax.models.deepvit import resample_pos_embed
     from deepvit_jax.train.loop import train_and_evaluate

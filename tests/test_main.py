@@ -283,11 +283,11 @@ def _tiny_config(data_dir):
 
 
 def test_init_from_starts_from_the_saved_weights(tmp_path, data_dir):
-    """A model saved with deepvit_jax.checkpoint.save_model is where training starts: with a
+    """A model saved with deepvit_jax.model_dir.save_model is where training starts: with a
     zero learning rate, the first checkpoint holds exactly the saved parameters."""
     from flax import nnx
 
-    from deepvit_jax.checkpoint import model_arrays, save_model
+    from deepvit_jax.model_dir import model_arrays, save_model
     from deepvit_jax.models import DeepViT
     from deepvit_jax.train.loop import model_config, train_and_evaluate
 
@@ -315,7 +315,7 @@ def test_init_from_resizes_pos_embed_and_keeps_a_fresh_head(tmp_path):
     from flax import nnx
 
     from deepvit_jax import create_model
-    from deepvit_jax.checkpoint import save_model
+    from deepvit_jax.model_dir import save_model
     from deepvit_jax.models.deepvit import resample_pos_embed
     from deepvit_jax.train import state as state_lib
 

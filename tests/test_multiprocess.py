@@ -75,8 +75,8 @@ def _launch(workdir, data_dir, entry, env_extra=None):
         cmd = [sys.executable, *entry, f"--config={DEFAULT}", f"--workdir={workdir}",
                f"--config.data.data_dir={data_dir}", *TINY, "--config.total_steps=6",
                "--config.eval.every_steps=6", "--config.eval.batch_size=64",
-               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-               f"--process_id={pid}"]
+               f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2",
+               f"--process-id={pid}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs

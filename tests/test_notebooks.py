@@ -252,7 +252,7 @@ def test_train_tpu_notebook(tmp_path, kernel_env):
     # The exported model directory loads.
     model_dir = tmp_path / "model"
     assert f"exported deepvit_16b (10 classes) to {model_dir}" in out
-    from deepvit_jax.checkpoint import read_config
+    from deepvit_jax.model_dir import read_config
 
     assert (read_config(model_dir).depth, read_config(model_dir).embed_dim) == (2, 16)
 
@@ -320,7 +320,7 @@ def test_attention_collapse_notebook(tmp_path, kernel_env):
     lines = dict(re.findall(r"^(ViT|DeepViT): (3 blocks, .*)$", out, re.M))
     assert set(lines) == {"ViT", "DeepViT"}
     from deepvit_jax.analysis import load_images
-    from deepvit_jax.evaluate import load_checkpoint
+    from deepvit_jax.saved_run import load_checkpoint
 
     for label, run in (("ViT", "vit"), ("DeepViT", "deepvit")):
         loaded = load_checkpoint(str(tmp_path / "collapse" / run))

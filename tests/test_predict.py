@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from deepvit_jax import checkpoint as ck
+from deepvit_jax import model_dir as ck
 from deepvit_jax import predict
 from deepvit_jax.models.registry import get_config
 

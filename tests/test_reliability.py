@@ -64,7 +64,7 @@ def _env():
 
 
 def test_cli_errors_map_to_documented_codes(capsys):
-    from deepvit_jax import errors
+    from deepvit_jax import cli, errors
 
     cases = [(errors.ConfigError("config.x=1: must be 2\n  detail"), 2),
              (errors.WorkdirLockedError("w is in use"), 3),
@@ -74,12 +74,12 @@ def test_cli_errors_map_to_documented_codes(capsys):
     for exc, code in cases:
         def body(exc=exc):
             raise exc
-        assert errors.run_cli(body) == code
+        assert cli.run_cli(body) == code
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "must be 2; detail" in errors.one_line(cases[0][0])
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        errors.run_cli(lambda: 1 / 0)
+        cli.run_cli(lambda: 1 / 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_save_model_overwrite_refuses_other_directories(tmp_path):
     from flax import nnx
 
     from deepvit_jax import create_model
-    from deepvit_jax.checkpoint import ModelFileError, is_model_dir, save_model
+    from deepvit_jax.model_dir import ModelFileError, is_model_dir, save_model
 
     model = create_model("deepvit_16b", num_classes=3, image_size=16, patch_size=8,
                          embed_dim=16, depth=1, num_heads=2, rngs=nnx.Rngs(0))
@@ -213,7 +213,7 @@ def test_required_init_from():
 
 def test_resume_config_changes_are_listed():
     from deepvit_jax.errors import ConfigError
-    from deepvit_jax.train.checkpoints import check_resume_config, config_changes
+    from deepvit_jax.workdir import check_resume_config, config_changes
     from deepvit_jax.train.config import RESUMABLE_FIELDS
 
     old = json.loads(_load().to_json_best_effort())
@@ -244,7 +244,7 @@ def test_bad_augmentation_and_init_from_are_config_errors(tmp_path, data_dir):
         setup(c, str(tmp_path / "b"))
     run = tmp_path / "run"  # a training workdir given as init_from: the same path, and
     (run / "checkpoints" / "4" / "state").mkdir(parents=True)
-    from deepvit_jax.checkpoint import ModelFileError, read_config
+    from deepvit_jax.model_dir import ModelFileError, read_config
 
     for path in (run, run / "checkpoints" / "4"):
         (path / "meta").mkdir(exist_ok=True)
@@ -259,7 +259,7 @@ def test_bad_augmentation_and_init_from_are_config_errors(tmp_path, data_dir):
 
 def test_workdir_lock(tmp_path):
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     a, b = WorkdirLock(tmp_path), WorkdirLock(tmp_path)
     a.acquire()
@@ -285,7 +285,7 @@ def test_workdir_lock(tmp_path):
 
 
 def test_second_run_on_a_workdir_exits_3(tmp_path, data_dir):
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     lock = WorkdirLock(tmp_path)  # this (live) process plays the first run
     lock.acquire()
@@ -362,7 +362,7 @@ def test_run_files_on_a_non_local_filesystem(ram_scheme, tmp_path, monkeypatch):
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import Checkpointer, WorkdirLock
+    from deepvit_jax.workdir import Checkpointer, WorkdirLock
     from deepvit_jax.train.reporting import MetricWriter
     from deepvit_jax.utils import as_path, atomic_output
 
@@ -426,7 +426,7 @@ def _image_folder(root, n=2, color=0):
 
 def test_folder_datasets_keyed_by_path_and_contents(tmp_path):
     from deepvit_jax.data.builders.folder import folder_builder, prepare_folder, prepared_dir
-    from deepvit_jax.data.pipeline import DatasetNotPreparedError
+    from deepvit_jax.errors import DatasetNotPreparedError
 
     a, b, data = tmp_path / "a" / "pets", tmp_path / "b" / "pets", tmp_path / "tfds"
     _image_folder(a, n=1)
@@ -545,8 +545,8 @@ def test_two_processes_with_different_configs_refuse_to_start(tmp_path, data_dir
     for pid in range(2):
         cmd = [sys.executable, "-m", "deepvit_jax.main", f"--config={DEFAULT}",
                f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
-               f"--config.seed={42 + pid}", f"--coordinator_address=127.0.0.1:{port}",
-               "--num_processes=2", f"--process_id={pid}"]
+               f"--config.seed={42 + pid}", f"--coordinator-address=127.0.0.1:{port}",
+               "--num-processes=2", f"--process-id={pid}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
@@ -617,7 +617,7 @@ def test_resume_refusals_and_fallback(tmp_path, data_dir, caplog):
 @pytest.mark.slow
 def test_overflowing_parameters_are_never_saved(tmp_path, data_dir):
     from deepvit_jax.train.loop import train_and_evaluate
-    from deepvit_jax.train.reporting import NonFiniteLossError
+    from deepvit_jax.errors import NonFiniteLossError
 
     # lr 1e39 is inf in float32: step 1's loss is finite, its update makes inf weights.
     c = _tiny(data_dir, total_steps=3, eval__every_steps=1000, checkpoint__every_steps=1)
@@ -633,7 +633,7 @@ def test_signal_during_evaluation_saves_and_resumes_the_evaluation(tmp_path, dat
                                                                    monkeypatch):
     from deepvit_jax.data import pipeline
     from deepvit_jax.errors import Aborted
-    from deepvit_jax.train.checkpoints import Checkpointer
+    from deepvit_jax.workdir import Checkpointer
     from deepvit_jax.train.loop import train_and_evaluate
 
     kw = dict(total_steps=4, eval__every_steps=2, checkpoint__every_steps=1000,

@@ -16,7 +16,7 @@ from deepvit_jax.models.deepvit import resample_pos_embed
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
 from deepvit_jax.train.config import base_config
-from deepvit_jax.train.evaluation import recalibrate_batch_stats
+from deepvit_jax.train.evaluator import recalibrate_batch_stats
 from deepvit_jax.utils import path_str
 
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=10)
@@ -391,7 +391,7 @@ def test_training_with_ema_and_bn_recalibration(tmp_path, caplog):
     import json
     import pathlib
 
-    from deepvit_jax.train import evaluation, loop
+    from deepvit_jax.train import evaluator as evaluation, loop
 
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
     spec = importlib.util.spec_from_file_location("cfg_default", path)

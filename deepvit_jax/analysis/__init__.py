@@ -1,7 +1,8 @@
 """Attention collapse, measured: the paper's cross-layer similarity (Eq. 2), inter-head
 similarity, similar-block counts and attention maps over the image.
 
-  python -m deepvit_jax.analysis runs/collapse_vit runs/collapse_deepvit --out analysis/
+  python -m deepvit_jax.analysis --checkpoint runs/collapse_vit --checkpoint runs/collapse_deepvit \
+      --out analysis/
 
 Python API (``from deepvit_jax import analysis``):
 
@@ -15,7 +16,7 @@ Python API (``from deepvit_jax import analysis``):
   :func:`similar_blocks(M, threshold, k) <similar_blocks>`.
 * over many images without keeping the maps: :func:`analyse(model, images, k=...,
   threshold=...) <analyse>` -> JSON-ready dict; for a checkpoint path (model directory,
-  training workdir or checkpoint, as ``deepvit_jax.evaluate`` reads them):
+  training workdir or checkpoint, as ``deepvit_jax.saved_run`` reads them):
   :func:`analyse_checkpoint`.
 * figures (matplotlib, PNG): :func:`plot_similarity` (several checkpoints on one figure),
   :func:`plot_attention` (class-token attention of chosen blocks over the image, head-averaged
@@ -38,7 +39,7 @@ from deepvit_jax.analysis.similarity import (
     similarity_to_next,
     unit_columns,
 )
-from deepvit_jax.analysis.checkpoints import analyse_checkpoint, load_images
+from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint, load_images
 
 __all__ = [
     "DEFAULT_THRESHOLD", "adjacent_similarity", "analyse", "analyse_checkpoint",

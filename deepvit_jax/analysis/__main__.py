@@ -1,13 +1,16 @@
 """Attention-collapse analysis of one or more checkpoints (the paper's Eq. 2).
 
-  python -m deepvit_jax.analysis runs/collapse_vit runs/collapse_deepvit --out analysis/
-  python -m deepvit_jax.analysis runs/collapse_vit --steps 110,330,550 --out analysis/vit
-  python -m deepvit_jax.analysis models/deepvit_s --dataset imagenet2012 --num-images 64 \\
-      --blocks 0,7,15 --out analysis/deepvit_s
+  python -m deepvit_jax.analysis --checkpoint runs/collapse_vit \\
+      --checkpoint runs/collapse_deepvit --out analysis/
+  python -m deepvit_jax.analysis --checkpoint runs/collapse_vit --steps 110,330,550 \\
+      --out analysis/vit
+  python -m deepvit_jax.analysis --checkpoint models/deepvit_s --dataset imagenet2012 \\
+      --num-images 64 --blocks 0,7,15 --out analysis/deepvit_s
 
-Each PATH is a model directory, a training workdir (its latest checkpoint, or each of
-``--steps``) or one training checkpoint. Over the first ``--num-images`` images of the split
-(the run's eval split by default) it writes to ``--out``:
+Each ``--checkpoint PATH`` (repeat it for several) is a model directory, a training workdir
+(its latest checkpoint, or each of ``--steps``) or one training checkpoint. Over the first
+``--num-images`` images of the split (the run's eval split by default) it writes to
+``--out``:
 
 * ``similarity.json``: per checkpoint, the depth x depth cross-layer similarity, each
   block's mean similarity to its next ``--k`` blocks, the number of blocks at or above
@@ -21,20 +24,17 @@ Exit status: 0 done, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
+import numpy as np
+
+from deepvit_jax import cli, saved_run
 from deepvit_jax.analysis import similarity as sim
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") \
-            from None
+from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint
+from deepvit_jax.analysis.collect import collect_maps
+from deepvit_jax.analysis.plots import plot_attention, plot_similarity
+from deepvit_jax.errors import ConfigError
 
 
 def _label(path: str, step: int | None, kind: str) -> str:
@@ -48,17 +48,14 @@ def _label(path: str, step: int | None, kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m deepvit_jax.analysis",
-        description="Cross-layer and inter-head attention similarity (DeepViT Eq. 2) and "
-                    "attention maps of checkpoints.", epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="model directories, training workdirs or checkpoints")
+    p = cli.parser("deepvit_jax.analysis", "Cross-layer and inter-head attention similarity "
+                   "(DeepViT Eq. 2) and attention maps of checkpoints.", __doc__)
+    cli.add_checkpoint_flag(p, many=True)
     p.add_argument("--out", required=True, help="output directory (JSON + PNG)")
-    p.add_argument("--steps", type=_ints, help="checkpoint steps of each workdir, e.g. "
+    p.add_argument("--steps", type=cli.int_list, help="checkpoint steps of each workdir, e.g. "
                                                "110,330,550 (default: the latest)")
-    p.add_argument("--labels", help="comma-separated names for the PATHs in the figures")
+    p.add_argument("--labels", help="comma-separated names for the checkpoints in the "
+                                    "figures")
     p.add_argument("--ema", action="store_true", help="the EMA weights of training runs")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--dataset", help="dataset (default: the run's; required for model "
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=1, help="similarity to the next K blocks")
     p.add_argument("--threshold", type=float, default=sim.DEFAULT_THRESHOLD,
                    help="similar-block threshold")
-    p.add_argument("--blocks", type=_ints, help="blocks whose maps to draw (default: first, "
+    p.add_argument("--blocks", type=cli.int_list, help="blocks whose maps to draw (default: first, "
                                                 "middle, last)")
     p.add_argument("--image", type=int, default=0, help="which image to draw the maps over")
     p.add_argument("--batch-size", type=int, default=32)
@@ -76,35 +73,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="centre each column before the cosine (correlation; a control for "
                         "comparing softmax maps with Re-attention's normalised maps)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    # Orbax's notes on opening checkpoints read-only are not the user's concern.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    from deepvit_jax.errors import run_cli
-
-    return run_cli(lambda: _run(args), input_errors=(ValueError,))
+    cli.setup_console(args.verbose, library_warnings=False)
+    return cli.run_cli(lambda: _run(args), input_errors=(ValueError,))
 
 
 def _run(args) -> None:
-    import numpy as np
-
-    from deepvit_jax import evaluate
-    from deepvit_jax.analysis import collect_maps, plot_attention, plot_similarity
-    from deepvit_jax.analysis.checkpoints import analyse_checkpoint
-    from deepvit_jax.errors import ConfigError
-
+    paths = args.checkpoint
     labels = args.labels.split(",") if args.labels else None
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: must be >= 1")
-    if labels and len(labels) != len(args.paths):
-        raise ConfigError(f"--labels has {len(labels)} names for {len(args.paths)} paths")
+    if labels and len(labels) != len(paths):
+        raise ConfigError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
     if not 0 <= args.image < args.num_images:
         raise ConfigError(f"--image {args.image}: must be below --num-images {args.num_images}")
-    out = evaluate.check_output(args.out, args.paths, "--out")
+    out = cli.check_output(args.out, paths, flag="--out")
     jobs = []  # (label, source)
-    for i, path in enumerate(args.paths):
+    for i, path in enumerate(paths):
         steps = args.steps or [None]
         for step in steps:
-            src = evaluate.resolve(path, step)
+            src = saved_run.resolve(path, step)
             name = _label(path, src.step, src.kind)
             if labels:
                 name = labels[i] + (f"@{src.step}" if src.step is not None else "")
@@ -125,7 +112,7 @@ def _run(args) -> None:
             cfg = model.config
             figures[name] = (one, collect_maps(model, one), blocks, cfg.mean, cfg.std)
     os.makedirs(out, exist_ok=True)
-    evaluate.write_json(os.path.join(out, "similarity.json"),
+    cli.write_json(os.path.join(out, "similarity.json"),
                         {"k": args.k, "threshold": args.threshold, "centered": args.center,
                          "num_images": args.num_images, "results": results})
     plot_similarity(results, os.path.join(out, "similarity.png"))

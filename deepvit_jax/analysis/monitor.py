@@ -30,17 +30,15 @@ def probe_metrics(maps, threshold: float = sim.DEFAULT_THRESHOLD) -> dict:
     return out
 
 
-def make_probe(run, *, num_images: int = PROBE_IMAGES,
+def make_probe(model_def, rest, eval_batches, *, num_images: int = PROBE_IMAGES,
                threshold: float = sim.DEFAULT_THRESHOLD) -> Callable[[object], dict]:
-    """``probe(train_state) -> {name: float}`` for a training ``Run`` (``train.loop.setup``):
-    the live weights on the first ``num_images`` images of the run's eval split."""
-    from deepvit_jax.train import state as state_lib
-
-    if run.model_cfg.depth < 2:
+    """``probe(train_state) -> {name: float}``: the live weights of a training state
+    (``model_def.merge`` of its params and BatchNorm statistics with ``rest``) on the first
+    ``num_images`` images of ``eval_batches`` (the run's eval split)."""
+    if model_def.config.depth < 2:
         return lambda state: {}
-    model_def = state_lib.make_model_def(run.model_cfg)
-    batch = next(iter(run.evaluator.eval_batches))  # global arrays, sharded like eval
-    real = getattr(run.evaluator.eval_batches, "num_examples", batch["image"].shape[0])
+    batch = next(iter(eval_batches))  # global arrays, sharded like eval
+    real = getattr(eval_batches, "num_examples", batch["image"].shape[0])
     n = min(int(num_images), int(batch["image"].shape[0]), int(real))  # padding comes last
 
     @jax.jit
@@ -52,7 +50,7 @@ def make_probe(run, *, num_images: int = PROBE_IMAGES,
     images = batch["image"]
 
     def run_probe(state) -> dict:
-        out = jax.device_get(probe(state.params, state.batch_stats, run.rest, images))
+        out = jax.device_get(probe(state.params, state.batch_stats, rest, images))
         return {k: float(v) for k, v in out.items()}
 
     return run_probe

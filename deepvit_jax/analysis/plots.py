@@ -6,11 +6,13 @@ Every function returns the ``matplotlib.figure.Figure`` and, given ``path``, als
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from deepvit_jax.analysis import similarity as sim
+from deepvit_jax.utils import atomic_output
 
 
 def _plt():
@@ -25,10 +27,6 @@ def _plt():
 def save(fig, path: str | None, dpi: int = 120):
     """Write ``fig`` to ``path`` through a temporary file (never a half-written image)."""
     if path:
-        import os
-
-        from deepvit_jax.utils import atomic_output
-
         ext = os.path.splitext(path)[1].lstrip(".") or "png"
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
             fig.savefig(f, format=ext, dpi=dpi, bbox_inches="tight")

@@ -19,10 +19,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
+
+from deepvit_jax import cli
+from deepvit_jax.convert.pytorch import from_pytorch, save_pytorch, to_pytorch
+from deepvit_jax.errors import InputError
+from deepvit_jax.model_dir import check_replaceable, load_model, save_model
+from deepvit_jax.models.registry import VARIANTS
 
 
 def _blocks(spec: str) -> tuple[int, ...]:
@@ -40,13 +45,11 @@ def _blocks(spec: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deepvit_jax.models.registry import VARIANTS
-
     p = argparse.ArgumentParser(
         prog="python -m deepvit_jax.convert",
         description="Convert PyTorch DeepViT/ViT weights (official dvit_repo / timm training "
                     "files, vit-pytorch, timm ViT/DeiT) into a deepvit-jax model directory "
-                    "(Orbax weights + config.json, read by deepvit_jax.checkpoint.load_model "
+                    "(Orbax weights + config.json, read by deepvit_jax.model_dir.load_model "
                     "and predict), or a deepvit-jax model directory back into a PyTorch "
                     "state dict.",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key layout for --to-pytorch (default: official, or vit-pytorch for "
                         "a model converted from vit-pytorch)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show INFO logs and TensorFlow / XLA notices")
     return p
 
 
@@ -89,9 +94,6 @@ def _check_outputs(args) -> None:
     """Refuse, before any work, outputs that exist (without --overwrite) or that are not
     replaceable: only a model directory may be replaced by --out, only a file by
     --to-pytorch, and never the source."""
-    from deepvit_jax.checkpoint import check_replaceable
-    from deepvit_jax.errors import InputError
-
     src = os.path.realpath(args.src)
     for target in (args.out, args.to_pytorch):
         if target and os.path.realpath(target) in (src, os.path.dirname(src)):
@@ -110,10 +112,7 @@ def _check_outputs(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from deepvit_jax.errors import run_cli
-
+    cli.setup_console(args.verbose)
     if not args.out and not args.to_pytorch:
         return _err("nothing to write: give --out DIR and/or --to-pytorch FILE")
 
@@ -121,14 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_outputs(args)
         _convert(args)
 
-    return run_cli(body, input_errors=(ValueError,))
+    return cli.run_cli(body, input_errors=(ValueError,))
 
 
 def _convert(args) -> None:
-    from deepvit_jax.checkpoint import load_model, save_model
-    from deepvit_jax.convert.pytorch import from_pytorch, save_pytorch, to_pytorch
-    from deepvit_jax.errors import InputError
-
     is_jax_dir = os.path.isdir(args.src)
     t0 = time.time()
 

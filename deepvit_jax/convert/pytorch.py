@@ -28,8 +28,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from deepvit_jax.checkpoint import (Path, describe_problems, model_arrays, model_from_arrays,
-                                    weight_shapes)
+from deepvit_jax.errors import ConversionError
+from deepvit_jax.model_dir import (Path, describe_problems, model_arrays, model_from_arrays,
+                                   weight_shapes)
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig, pos_embed_grid, resample_pos_embed
 from deepvit_jax.models.registry import VARIANTS, get_config
 from deepvit_jax.utils import atomic_output, path_str
@@ -37,10 +38,6 @@ from deepvit_jax.utils import atomic_output, path_str
 log = logging.getLogger(__name__)
 
 SOURCES = ("official", "vit-pytorch", "timm")
-
-
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted: unreadable file, missing/unexpected keys, shapes."""
 
 
 # --------------------------------------------------------------------------------------

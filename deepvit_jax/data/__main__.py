@@ -12,12 +12,15 @@ TFDS shows progress bars (rate / ETA) while it generates and shuffles the splits
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tarfile
 
-from deepvit_jax.errors import InputError, run_cli
+from deepvit_jax import cli
+from deepvit_jax.cli import run_cli
+from deepvit_jax.data.config import default_data_config
+from deepvit_jax.data.pipeline import _tf, dataset_info, default_data_dir
+from deepvit_jax.errors import PrepareError
 
 IMAGENET_FILES = {
     "ILSVRC2012_img_train.tar": "train split: 1000 per-class tars (n01440764.tar, ...) of "
@@ -26,10 +29,6 @@ IMAGENET_FILES = {
                               "... (labels ship with TFDS), ~6.3 GiB",
 }
 IMAGENET_OPTIONAL = {"ILSVRC2012_img_test.tar": "optional test split (no labels)"}
-
-
-class PrepareError(InputError):
-    """The dataset cannot be prepared; the message names the file or flag and the fix."""
 
 
 def _imagenet_help(manual_dir: str) -> str:
@@ -81,9 +80,7 @@ def _report_skipped(skipped: dict[str, int]) -> None:
 def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
             folder: str | None = None) -> str:
     """Prepare ``name`` into ``data_dir``; returns the prepared dataset's directory."""
-    import tensorflow_datasets as tfds
-
-    from deepvit_jax.data.pipeline import _tf, default_data_dir
+    import tensorflow_datasets as tfds  # heavy: only when preparing
 
     _tf()
     data_dir = default_data_dir(data_dir)
@@ -132,17 +129,16 @@ def main(argv=None) -> int:
                        help="TFDS data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
         p.add_argument("--manual-dir", default=None, help="manually downloaded files")
         p.add_argument("--folder", default=None, help="for 'folder': ROOT/<split>/<class>/*")
+        p.add_argument("--verbose", action="store_true",
+                       help="also show INFO logs and TensorFlow / XLA notices")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_console(args.verbose)
 
     def body():
         if args.command == "prepare":
             path = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
                            folder=args.folder)
             print(f"prepared {args.name} in {path}")
-        from deepvit_jax.data.config import default_data_config
-        from deepvit_jax.data.pipeline import dataset_info
-
         cfg = default_data_config()
         cfg.dataset, cfg.data_dir, cfg.folder_path = args.name, args.data_dir, args.folder
         info = dataset_info(cfg)

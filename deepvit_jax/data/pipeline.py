@@ -43,6 +43,7 @@ import numpy as np
 
 from deepvit_jax.data import augment as aug_lib
 from deepvit_jax.data import preprocess
+from deepvit_jax.errors import DatasetNotPreparedError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,6 @@ def default_data_dir(data_dir: str | None = None) -> str:
     if data_dir:
         return os.path.expanduser(str(data_dir))
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
-class DatasetNotPreparedError(FileNotFoundError):
-    pass
 
 
 def get_builder(data_cfg, *, prepare_digits: bool = True):
@@ -363,8 +360,6 @@ class HostTrainStream:
         return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
 
     def _undecodable(self, index: int | None):
-        from deepvit_jax.errors import InputError
-
         which = (f"example {index} of epoch {self.epoch} (in its shuffled order)"
                  if index is not None else
                  f"images of epoch {self.epoch} after batch {self.position}")
@@ -541,8 +536,6 @@ class EvalIterable:
             else:
                 yield _to_global(batch, self.sharding, self.global_batch_size)
         if expected and not seen:
-            from deepvit_jax.errors import InputError
-
             raise InputError(f"no image of the eval split {self.split!r} of "
                              f"{self.cfg.dataset!r} could be decoded (see the tf.data "
                              "warnings above); check the files or prepare the dataset again")

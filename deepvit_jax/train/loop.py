@@ -4,8 +4,10 @@
 :func:`setup` turns the config into everything a run needs, checking every value before
 anything is compiled: the dataset (resolved once), the model config, the mesh, the run
 length, the initial or restored state, the compiled train step, the evaluator and the
-iterators. :func:`train_and_evaluate` is then a short loop: one train step per batch, and
-one line per periodic action (log, evaluate, checkpoint, preemption).
+iterators. :func:`train_and_evaluate` validates the config and builds the mesh once, takes the
+workdir, and hands the run to :class:`Training`, whose loop is one train step per batch and
+one line per periodic action (log, collapse probe, evaluate, checkpoint, preemption), in the
+style of big_vision and the Flax examples.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tqdm import tqdm
+
 from deepvit_jax import parallel
+from deepvit_jax import workdir as workdir_lib
 from deepvit_jax.analysis.monitor import make_probe
-from deepvit_jax.errors import ConfigError, InputError, one_line
+from deepvit_jax.data import pipeline
+from deepvit_jax.data.device_augment import make_device_augment
+from deepvit_jax.errors import ConfigError, InputError, NonFiniteLossError, Preempted, one_line
 from deepvit_jax.models import ModelConfig, get_config
 from deepvit_jax.train import config as config_lib
-from deepvit_jax.train import evaluation
+from deepvit_jax.train import evaluator as evaluator_lib
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train import step as step_lib
-from deepvit_jax.train.checkpoints import (Checkpointer, abstract_like, check_resume_config,
-                                           claim_workdir)
-from deepvit_jax.train.reporting import (MetricWriter, NonFiniteLossError, Preempted, Preemption,
-                                         StepMeter, check_finite_state)
-from deepvit_jax.utils import as_path
+from deepvit_jax.train.reporting import MetricWriter, Preemption, StepMeter, check_finite_state
+from deepvit_jax.workdir import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +82,12 @@ class Run:
     resumed: bool
     train_step: Callable
     train_iter: Any
-    evaluator: evaluation.Evaluator
+    evaluator: evaluator_lib.Evaluator
     checkpointer: Checkpointer
     meta: dict
     preemption: Preemption | None = None
     eval_pending: bool = False  # the restored step's evaluation was interrupted
+    model_def: Any = None  # train.state.ModelDef
 
     def save(self, step: int, metrics: dict | None = None, *, eval_pending: bool = False
              ) -> None:
@@ -91,41 +96,24 @@ class Run:
                                dict(self.meta, step=step, eval_pending=eval_pending), metrics)
 
 
-def setup(config, workdir: str) -> Run:
-    """Check the config and build the run (restoring ``workdir``'s latest checkpoint)."""
-    from deepvit_jax.data import pipeline
-
-    config_lib.validate(config)
-    try:
-        dataset = pipeline.dataset_info(config.data)
-    except Exception as e:  # any failure to resolve the dataset is a config error
-        raise ConfigError(f"config.data.dataset={config.data.dataset!r}: {e}") from None
+def setup(config, workdir: str, *, mesh=None) -> Run:
+    """Check the config and build the run (restoring ``workdir``'s latest checkpoint).
+    ``mesh``: the run's mesh when the caller has validated the config and built it."""
+    if mesh is None:
+        config_lib.validate(config)
+        mesh = parallel.make_mesh(config.mesh)
+    dataset = _dataset_info(config)
     mcfg = model_config(config, dataset.num_classes)
-    mesh = parallel.make_mesh(config.mesh)
-    batch_size = _batch_size(config, "batch_size", config.batch_size, mesh, dataset.num_train)
-    length = config_lib.run_length(config, dataset.num_train)
-    eval_bs = _batch_size(config, "eval.batch_size", config.eval.batch_size or batch_size,
-                          mesh, dataset.num_train)
-    recal_bs = config.eval.bn_recalibration_batch_size or batch_size
-    if config.eval.bn_recalibration_batches:
-        _batch_size(config, "eval.bn_recalibration_batch_size", recal_bs, mesh,
-                    dataset.num_train)
+    batch_size, eval_bs, recal_bs = _batch_sizes(config, mesh, dataset.num_train)
     if config.loss.cosine_reg_weight and mcfg.depth < 2:
         raise ConfigError("config.loss.cosine_reg_weight needs a model with at least 2 blocks")
+    length = config_lib.run_length(config, dataset.num_train)
     log.info("model %s (%s), dataset %s (%d train / %d eval, %d classes), mesh %s, %d steps "
              "(%d per epoch)", config.model_name, mcfg.to_dict(), dataset.name,
              dataset.num_train, dataset.num_eval, dataset.num_classes, dict(mesh.shape),
              length.total_steps, length.steps_per_epoch)
-
     data_sh = parallel.batch_sharding(mesh)
-    spec = pipeline.ImageSpec.of(mcfg)
-    try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
-        train_iter = pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
-                                                  spec=spec, sharding=data_sh,
-                                                  seed=config.seed, dataset=dataset)
-    except ValueError as e:
-        raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
-                          else f"config.data: {one_line(e)}") from None
+    train_iter = _train_iterator(config, batch_size, mcfg, data_sh, dataset)
     schedule = step_lib.make_schedule(config.optim, length)
     tx = step_lib.make_optimizer(config.optim, schedule)
     model_def = state_lib.make_model_def(mcfg)
@@ -138,41 +126,72 @@ def setup(config, workdir: str) -> Run:
     rest_sh = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_rest)
     state, rest = jax.jit(init_fn, out_shardings=(state_sh, rest_sh))()
 
-    best = "eval/ema_top1" if config.ema_decay > 0 else "eval/top1"
     meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
-    ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=config.checkpoint.keep,
-                        best_metric=best)
-    restored = ckpt.restore_latest(
-        abstract_like(abstract_state, state_sh),
-        lambda saved, step: check_resume_config(saved, meta["config"],
-                                                config_lib.RESUMABLE_FIELDS, ckpt.directory,
-                                                step))
-    latest, eval_pending = None, False
-    if restored is not None:
-        latest, state, data_state, saved_meta = restored
-        train_iter.set_state(data_state)
-        eval_pending = bool(saved_meta.get("eval_pending"))
-        log.info("resumed from %s/%d", ckpt.directory, latest)
-    elif config.init_from:
-        state = _init_from(config, state, tx, state_sh)
-
-    augment_fn = None
-    if config.data.get("device_augment"):
-        from deepvit_jax.data.device_augment import make_device_augment
-
-        augment_fn = make_device_augment(config.data, image_size=mcfg.image_size,
-                                         mean=mcfg.mean, std=mcfg.std)
-    batch_sh = {"image": data_sh, "label": data_sh}
+    ckpt = Checkpointer(workdir_lib.checkpoints_dir(workdir), keep=config.checkpoint.keep,
+                        best_metric="eval/ema_top1" if config.ema_decay > 0 else "eval/top1")
+    state, latest, eval_pending = _restore_or_init(config, ckpt, meta, state, train_iter, tx,
+                                                   workdir_lib.abstract_like(abstract_state,
+                                                                             state_sh), state_sh)
+    # The on-device augmentation, built once: the train step and BatchNorm re-estimation.
+    augment_fn = make_device_augment(config.data, image_size=mcfg.image_size, mean=mcfg.mean,
+                                     std=mcfg.std)
     train_step = jax.jit(
         step_lib.make_train_step(model_def, tx, schedule, config, augment_fn=augment_fn),
-        in_shardings=(state_sh, rest_sh, batch_sh),
+        in_shardings=(state_sh, rest_sh, {"image": data_sh, "label": data_sh}),
         out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
-    evaluator = evaluation.make_evaluator(
+    evaluator = evaluator_lib.make_evaluator(
         config, model_def=model_def, dataset=dataset, mesh=mesh, eval_batch_size=eval_bs,
-        recal_batch_size=recal_bs, state_shardings=state_sh, rest=rest, rest_shardings=rest_sh)
+        recal_batch_size=recal_bs, state_shardings=state_sh, rest=rest, rest_shardings=rest_sh,
+        augment_fn=augment_fn)
     return Run(config, workdir, mcfg, length, state, rest, int(jax.device_get(state.step)),
                latest is not None, train_step, train_iter, evaluator, ckpt, meta,
-               eval_pending=eval_pending)
+               eval_pending=eval_pending, model_def=model_def)
+
+
+def _dataset_info(config):
+    try:
+        return pipeline.dataset_info(config.data)
+    except Exception as e:  # any failure to resolve the dataset is a config error
+        raise ConfigError(f"config.data.dataset={config.data.dataset!r}: {e}") from None
+
+
+def _batch_sizes(config, mesh, num_train: int) -> tuple[int, int, int]:
+    """(train, eval, BatchNorm re-estimation) global batch sizes, checked against the mesh."""
+    batch_size = _batch_size(config, "batch_size", config.batch_size, mesh, num_train)
+    eval_bs = _batch_size(config, "eval.batch_size", config.eval.batch_size or batch_size,
+                          mesh, num_train)
+    recal_bs = config.eval.bn_recalibration_batch_size or batch_size
+    if config.eval.bn_recalibration_batches:
+        _batch_size(config, "eval.bn_recalibration_batch_size", recal_bs, mesh, num_train)
+    return batch_size, eval_bs, recal_bs
+
+
+def _train_iterator(config, batch_size: int, mcfg, data_sh, dataset):
+    try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
+        return pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
+                                            spec=pipeline.ImageSpec.of(mcfg), sharding=data_sh,
+                                            seed=config.seed, dataset=dataset)
+    except ValueError as e:
+        raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
+                          else f"config.data: {one_line(e)}") from None
+
+
+def _restore_or_init(config, ckpt: Checkpointer, meta: dict, state, train_iter, tx,
+                     abstract_state, state_sh):
+    """(state, restored step or None, eval_pending): the latest readable checkpoint (its
+    saved config checked against ``meta``) with the iterator moved to its position, else
+    ``state`` (loaded from ``config.init_from`` if set)."""
+    restored = ckpt.restore_latest(
+        abstract_state,
+        lambda saved, step: workdir_lib.check_resume_config(
+            saved, meta["config"], config_lib.RESUMABLE_FIELDS, ckpt.directory, step))
+    if restored is None:
+        return (_init_from(config, state, tx, state_sh) if config.init_from else state), \
+            None, False
+    latest, state, data_state, saved_meta = restored
+    train_iter.set_state(data_state)
+    log.info("resumed from %s/%d", ckpt.directory, latest)
+    return state, latest, bool(saved_meta.get("eval_pending"))
 
 
 def _init_from(config, state, tx, state_sh):
@@ -182,8 +201,6 @@ def _init_from(config, state, tx, state_sh):
                                                   jax.device_get(state.batch_stats),
                                                   config.init_from)
     except InputError as e:  # a missing / wrong directory: name the field
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"config.init_from={config.init_from!r}: {one_line(e)}") from None
     params = jax.device_put(params, state_sh.params)
     stats = jax.device_put(stats, state_sh.batch_stats)
@@ -205,106 +222,140 @@ def train_and_evaluate(config, workdir: str, *,
     that all run the same config. SIGTERM / SIGINT stop the run at the next check (before
     a step, before an evaluation, between evaluation batches) with a checkpoint."""
     config_lib.validate(config)
+    mesh = parallel.make_mesh(config.mesh)
     # The context mesh (jax.set_mesh) is what attention_impl='pallas' splits per shard over.
-    with (claim_workdir(workdir, json.loads(config.to_json_best_effort())),
-          Preemption() as preemption,
-          jax.set_mesh(parallel.make_mesh(config.mesh))):
-        return _train(config, workdir, preemption, on_step)
+    with (workdir_lib.claim_workdir(workdir, json.loads(config.to_json_best_effort())),
+          Preemption() as preemption, jax.set_mesh(mesh)):
+        run = setup(config, workdir, mesh=mesh)
+        run.preemption = preemption
+        return Training(run, preemption, on_step).run()
 
 
-def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]:
-    run = setup(config, workdir)
-    run.preemption = preemption
-    total, c = run.length.total_steps, config
-    if run.start_step > total:
-        raise ConfigError(
-            f"config.total_steps={total} is below the step {run.start_step} of the checkpoint "
-            f"in {run.checkpointer.directory}: raise --config.total_steps (or num_epochs) to "
-            "train longer, or use another --workdir")
-    writer = MetricWriter(workdir, resume_step=run.start_step if run.resumed else None)
-    meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
-    bar = _progress_bar(total, run.start_step)
-    # Attention-collapse probe on the first eval images (built before the eval wrapper).
-    probe = make_probe(run) if c.collapse_every_steps else None
-    run.evaluator.eval_batches = preemption.interruptible(run.evaluator.eval_batches)
-    if run.evaluator.recal_iterator is not None:
-        run.evaluator.recal_iterator = preemption.interruptible(run.evaluator.recal_iterator)
-    last_eval: dict[str, float] = {}
+class Training:
+    """The training loop of a :class:`Run`: :meth:`run` steps through it and calls the
+    periodic actions, each a method (log, probe, evaluate, save, stop)."""
 
-    def stop(step: int, *, eval_pending: bool = False) -> None:
-        nonlocal last_eval
-        last_eval = {}  # preempted: no final metrics to report
-        meter.check()
-        run.save(step, eval_pending=eval_pending)
-        run.checkpointer.wait()
-        _say(bar, f"{preemption.signal_name or 'preempted'}: saved step {step} to "
-                  f"{run.checkpointer.directory}; exiting (run the same command to resume)")
+    def __init__(self, run: Run, preemption: Preemption, on_step=None):
+        c = run.config
+        if run.start_step > run.length.total_steps:
+            raise ConfigError(
+                f"config.total_steps={run.length.total_steps} is below the step "
+                f"{run.start_step} of the checkpoint in {run.checkpointer.directory}: raise "
+                "--config.total_steps (or num_epochs) to train longer, or use another "
+                "--workdir")
+        self.r, self.c, self.preemption, self.on_step = run, c, preemption, on_step
+        self.writer = MetricWriter(run.workdir,
+                                   resume_step=run.start_step if run.resumed else None)
+        self.meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
+        self.bar = _progress_bar(run.length.total_steps, run.start_step)
+        # Attention-collapse probe on the first eval images (built before the eval wrapper).
+        self.probe = make_probe(run.model_def, run.rest,
+                                run.evaluator.eval_batches) if c.collapse_every_steps else None
+        ev = run.evaluator
+        ev.eval_batches = preemption.interruptible(ev.eval_batches)
+        if ev.recal_iterator is not None:
+            ev.recal_iterator = preemption.interruptible(ev.recal_iterator)
+        self.last_eval: dict[str, float] = {}
 
-    def evaluate(step: int) -> bool:
-        """Evaluate and record ``step``; False when a signal interrupted it (then saved)."""
-        nonlocal last_eval
+    def run(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the last eval metrics ({} when preempted)."""
+        r, c, total = self.r, self.c, self.r.length.total_steps
         try:
-            last_eval = run.evaluator.state(run.state)
-        except Preempted:
-            stop(step, eval_pending=True)
-            return False
-        writer.write(step, last_eval)
-        _say(bar, _eval_line(step, last_eval))
-        meter.pause()
+            if not self._first(r.start_step):
+                return self.last_eval
+            for step in range(r.start_step + 1, total + 1):
+                if step > r.start_step + 1 and self.preemption.reached():
+                    self.stop(step - 1)
+                    break
+                self.train_step(step)
+                last = step == total
+                if step % c.log_every_steps == 0 or last:
+                    self.log(step)
+                if self.probe is not None and step % c.collapse_every_steps == 0:
+                    self.writer.write(step, self.probe(r.state))
+                evaluated = step % c.eval.every_steps == 0 or last
+                if evaluated and not self.evaluate_or_stop(step):
+                    break
+                if step % c.checkpoint.every_steps == 0 or evaluated:
+                    self.save(step, evaluated)
+                if self.on_step is not None:
+                    self.on_step(step, r)
+            r.checkpointer.wait()
+        except NonFiniteLossError as e:
+            r.checkpointer.wait()
+            raise NonFiniteLossError(f"{e}: stopping. The last good checkpoint is step "
+                                     f"{r.checkpointer.latest_step()} in "
+                                     f"{r.checkpointer.directory}; resuming replays the same "
+                                     "steps: lower config.optim.learning_rate or set "
+                                     "config.optim.grad_clip_norm") from None
+        finally:
+            self.bar.close()
+            self.writer.close()
+            r.checkpointer.close()
+        return self.last_eval
+
+    def _first(self, step: int) -> bool:
+        """Before the first step: finish an interrupted evaluation of the restored step;
+        False when a signal stopped that again."""
+        if self.r.eval_pending:
+            return self.evaluate(step)
+        if step == self.r.length.total_steps:
+            _say(self.bar, f"nothing to do: the checkpoint in {self.r.checkpointer.directory} "
+                           f"is at step {step} = config.total_steps; raise "
+                           "--config.total_steps (or num_epochs) to train longer")
         return True
 
-    try:
-        if run.eval_pending:  # the restored step's evaluation was interrupted: do it now
-            if not evaluate(run.start_step):
-                return last_eval
-        elif run.start_step == total:
-            _say(bar, f"nothing to do: the checkpoint in {run.checkpointer.directory} is at "
-                      f"step {total} = config.total_steps; raise --config.total_steps (or "
-                      "num_epochs) to train longer")
-        for step in range(run.start_step + 1, total + 1):
-            if step > run.start_step + 1 and preemption.reached():
-                stop(step - 1)
-                break
-            t = time.perf_counter()
-            batch = next(run.train_iter)
-            wait = time.perf_counter() - t
-            run.state, metrics = run.train_step(run.state, run.rest, batch)
-            meter.add(step, metrics, wait)
-            bar.update(1)
-            last = step == total
-            if step % c.log_every_steps == 0 or last:
-                row = meter.summary(step)
-                writer.write(step, row)
-                bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}",
-                                img_s=f"{row['img_per_sec']:.0f}", refresh=False)
-            if probe is not None and step % c.collapse_every_steps == 0:
-                writer.write(step, probe(run.state))
-            evaluated = step % c.eval.every_steps == 0 or last
-            if evaluated:
-                meter.check()
-                if preemption.reached():  # do not start an evaluation that cannot finish
-                    stop(step, eval_pending=True)
-                    break
-                if not evaluate(step):
-                    break
-            if step % c.checkpoint.every_steps == 0 or evaluated:
-                meter.check()
-                run.save(step, last_eval if evaluated else None)
-            if on_step is not None:
-                on_step(step, run)
-        run.checkpointer.wait()
-    except NonFiniteLossError as e:
-        run.checkpointer.wait()
-        raise NonFiniteLossError(f"{e}: stopping. The last good checkpoint is step "
-                                 f"{run.checkpointer.latest_step()} in "
-                                 f"{run.checkpointer.directory}; resuming replays the same "
-                                 "steps: lower config.optim.learning_rate or set "
-                                 "config.optim.grad_clip_norm") from None
-    finally:
-        bar.close()
-        writer.close()
-        run.checkpointer.close()
-    return last_eval
+    def train_step(self, step: int) -> None:
+        t = time.perf_counter()
+        batch = next(self.r.train_iter)
+        wait = time.perf_counter() - t
+        self.r.state, metrics = self.r.train_step(self.r.state, self.r.rest, batch)
+        self.meter.add(step, metrics, wait)
+        self.bar.update(1)
+
+    def log(self, step: int) -> None:
+        """The training row: metrics.jsonl + TensorBoard, the bar, and train.log."""
+        row = self.meter.summary(step)
+        self.writer.write(step, row)
+        self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}",
+                             img_s=f"{row['img_per_sec']:.0f}", refresh=False)
+        log.info("step %d: loss %.4f, lr %.3e, %.1f img/s, data wait %.1f ms/step (%.0f%%), "
+                 "epoch %.2f", step, row["train/loss"], row["train/lr"], row["img_per_sec"],
+                 row["data_wait_ms"], 100 * row["data_wait_fraction"], row["epoch"])
+
+    def evaluate_or_stop(self, step: int) -> bool:
+        """Evaluate ``step``, unless a signal came (then save and stop): False to stop."""
+        self.meter.check()
+        if self.preemption.reached():  # do not start an evaluation that cannot finish
+            self.stop(step, eval_pending=True)
+            return False
+        return self.evaluate(step)
+
+    def evaluate(self, step: int) -> bool:
+        """Evaluate and record ``step``; False when a signal interrupted it (then saved)."""
+        try:
+            self.last_eval = self.r.evaluator.state(self.r.state)
+        except Preempted:
+            self.stop(step, eval_pending=True)
+            return False
+        self.writer.write(step, self.last_eval)
+        _say(self.bar, _eval_line(step, self.last_eval))
+        self.meter.pause()
+        return True
+
+    def save(self, step: int, evaluated: bool) -> None:
+        self.meter.check()
+        self.r.save(step, self.last_eval if evaluated else None)
+
+    def stop(self, step: int, *, eval_pending: bool = False) -> None:
+        """Preempted: save ``step`` and say how to resume."""
+        self.last_eval = {}  # no final metrics to report
+        self.meter.check()
+        self.r.save(step, eval_pending=eval_pending)
+        self.r.checkpointer.wait()
+        _say(self.bar, f"{self.preemption.signal_name or 'preempted'}: saved step {step} to "
+                       f"{self.r.checkpointer.directory}; exiting (run the same command to "
+                       "resume)")
 
 
 def _eval_line(step: int, m: dict[str, float]) -> str:
@@ -316,13 +367,12 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
 
 
 def _say(bar, line: str) -> None:
+    """A line on the console (process 0), above the bar."""
     if jax.process_index() == 0:
         bar.write(line)
 
 
 def _progress_bar(total: int, initial: int):
     """tqdm on process 0 (step, loss, lr, img/s, ETA); a silent stand-in elsewhere."""
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 disable=jax.process_index() != 0)

@@ -26,19 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepvit_jax.errors import Aborted, TrainingStopped
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from deepvit_jax.errors import Aborted, NonFiniteLossError, Preempted
 from deepvit_jax.utils import as_path, atomic_output
+from deepvit_jax.workdir import METRICS, TENSORBOARD
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(TrainingStopped, RuntimeError):
-    """The loss (or gradient norm, or the parameters) became NaN/inf; the message names the
-    step."""
-
-
-class Preempted(Exception):
-    """Raised inside an evaluation interrupted by SIGTERM / SIGINT (the loop saves and stops)."""
 
 
 @jax.jit
@@ -65,7 +60,7 @@ class MetricWriter:
     def __init__(self, workdir, *, resume_step: int | None):
         self.enabled = jax.process_index() == 0
         workdir = as_path(workdir)
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / METRICS
         self.tb = None
         if not self.enabled:
             return
@@ -77,9 +72,7 @@ class MetricWriter:
             kept = [r for r in self._rows() if r.get("step", 0) <= keep_to]
             with atomic_output(self.path) as tmp, as_path(tmp).open("w") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in kept))
-        from clu import metric_writers
-
-        tb_dir = workdir / "tensorboard"
+        tb_dir = workdir / TENSORBOARD
         if resume_step is not None and tb_dir.exists():
             # TensorBoard would show the replayed steps twice: rewrite it from the kept rows.
             tb_dir.rmtree()
@@ -217,8 +210,6 @@ class Preemption:
     def reached(self) -> bool:
         if jax.process_count() == 1:
             return self.flag
-        from jax.experimental import multihost_utils
-
         # One tiny all-gather per check keeps every process on the same stopping point.
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
 

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from deepvit_jax.models import ModelConfig
 from deepvit_jax.errors import ConfigError
+from deepvit_jax.model_dir import load_model_state
+from deepvit_jax.models import ModelConfig
 from deepvit_jax.models.deepvit import DeepViT, pos_embed_grid, resample_pos_embed
 from deepvit_jax.utils import path_str
 
@@ -101,11 +102,6 @@ def load_pretrained(params, batch_stats, path: str):
     the classifier head is kept freshly initialised when the class count differs. Any
     other missing or mismatching array is an error naming it.
     """
-    try:
-        from deepvit_jax.checkpoint import load_model_state
-    except ImportError as e:  # the converter's module is not installed / not written
-        raise ConfigError(f"config.init_from={path!r}: deepvit_jax.checkpoint."
-                          f"load_model_state is unavailable ({e})") from e
     try:
         _, loaded = load_model_state(path)
     except FileNotFoundError as e:

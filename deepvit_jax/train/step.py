@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from deepvit_jax.data.mix import mix_batch
 from deepvit_jax.models.deepvit import BatchNorm
 from deepvit_jax.train.state import ModelDef, TrainState
 from deepvit_jax.utils import path_str
@@ -131,8 +132,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     ``ema_decay``); ``mix_fn`` replaces ``data.mix.mix_batch`` (tests); ``augment_fn(key,
     images)``, if given, augments the batch on device before mixing
     (``data.device_augment``)."""
-    if mix_fn is None:
-        from deepvit_jax.data.mix import mix_batch as mix_fn
+    mix_fn = mix_fn or mix_batch
     num_classes = model_def.config.num_classes
     mix = dict(config.mix)
     reg_weight, reg_pairs = config.loss.cosine_reg_weight, config.loss.cosine_reg_pairs

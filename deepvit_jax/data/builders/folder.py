@@ -28,6 +28,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from deepvit_jax.errors import DatasetNotPreparedError, EmptySplitError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -159,10 +161,6 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
                         len(items))
 
 
-class EmptySplitError(ValueError):
-    """Every image file of a split is undecodable."""
-
-
 def _cause(exc: BaseException | None, kind: type) -> BaseException | None:
     """``exc`` or the exception it was raised from / during (TFDS re-raises with context)."""
     seen = set()
@@ -206,8 +204,6 @@ def folder_builder(root, data_dir):
     if not root:
         raise ValueError("data.dataset='folder' needs data.folder_path (ROOT/<split>/<class>/*)")
     path = prepared_dir(root, data_dir)
-    from deepvit_jax.data.pipeline import DatasetNotPreparedError
-
     run = f"python -m deepvit_jax.data prepare folder --folder {root} --data-dir {data_dir}"
     if not (path / "dataset_info.json").exists():
         raise DatasetNotPreparedError(

@@ -20,6 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deepvit_jax import parallel
+from deepvit_jax.data import pipeline
+from deepvit_jax.train import step as step_lib
+
 log = logging.getLogger(__name__)
 
 
@@ -94,14 +98,14 @@ class Evaluator:
 
 
 def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
-                   recal_batch_size: int, state_shardings, rest, rest_shardings) -> Evaluator:
+                   recal_batch_size: int, state_shardings, rest, rest_shardings,
+                   augment_fn: Callable | None = None) -> Evaluator:
     """The Evaluator of a training config: compiled eval (and BatchNorm-statistics) steps
     with the run's shardings (``state_shardings``: a TrainState of shardings), the eval
-    split of the resolved ``dataset``, and the re-estimation batches if any."""
-    from deepvit_jax import parallel
-    from deepvit_jax.data import pipeline
-    from deepvit_jax.train import step as step_lib
-
+    split of the resolved ``dataset``, and the re-estimation batches if any.
+    ``augment_fn(key, images)`` is the run's on-device augmentation
+    (``data.device_augment.make_device_augment``; None when the host pipeline does it all),
+    applied to the re-estimation batches as the train step applies it."""
     data_sh = parallel.batch_sharding(mesh)
     spec = pipeline.ImageSpec.of(model_def.config)
     eval_step = jax.jit(
@@ -128,15 +132,11 @@ def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
                       data_sh),
         out_shardings=state_shardings.batch_stats)
     recal_augment = None
-    if config.data.get("device_augment"):
+    if augment_fn is not None:
         # The host pipeline only crops, resizes and flips: finish the augmentation on device,
         # with fixed keys, so that every evaluation re-estimates on the same images.
-        from deepvit_jax.data.device_augment import make_device_augment
-
-        fn = make_device_augment(config.data, image_size=spec.size, mean=spec.mean,
-                                 std=spec.std)
         base = jax.random.key(config.seed + 1)
-        recal_augment = jax.jit(lambda i, x: fn(jax.random.fold_in(base, i), x),
+        recal_augment = jax.jit(lambda i, x: augment_fn(jax.random.fold_in(base, i), x),
                                 out_shardings=data_sh)
     log.info("BatchNorm statistics re-estimated before each evaluation (%s) on %d training "
              "batches of %d (augmented, seed %d), averaged",

@@ -1,4 +1,11 @@
-"""Training checkpoints: an Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``.
+"""The training workdir, the one module that knows its layout::
+
+    WORKDIR/
+      checkpoints/<step>/{state,data,meta}   Orbax CheckpointManager (CHECKPOINTS, ITEMS)
+      unreadable_checkpoints/<step>/         checkpoints set aside on resume (UNREADABLE)
+      metrics.jsonl  tensorboard/            train.reporting.MetricWriter (METRICS, TENSORBOARD)
+      train.log                              the run's log (TRAIN_LOG)
+      lock                                   WorkdirLock (LOCK)
 
 Each checkpoint ``checkpoints/<step>/`` holds three items:
 
@@ -34,11 +41,55 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from deepvit_jax import parallel
 from deepvit_jax.errors import ConfigError, InputError, WorkdirLockedError
-from deepvit_jax.utils import as_path, is_local
+from deepvit_jax.utils import as_path, flatten_dict, is_local
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+UNREADABLE = "unreadable_checkpoints"
+STATE, DATA, META = "state", "data", "meta"
+ITEMS = (STATE, DATA, META)  # the Orbax items of every checkpoint
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+TRAIN_LOG = "train.log"
+LOCK = "lock"
+
+
+def checkpoints_dir(workdir) -> epath.Path:
+    return as_path(workdir) / CHECKPOINTS
+
+
+def train_log(workdir) -> epath.Path:
+    return as_path(workdir) / TRAIN_LOG
+
+
+def read_only_manager(directory) -> ocp.CheckpointManager:
+    """A CheckpointManager that reads ``directory`` (``WORKDIR/checkpoints``) and never
+    creates, cleans or deletes anything in it (a run may be writing there); close it."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           cleanup_tmp_directories=False)
+    return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=ITEMS)
+
+
+def checkpoint_steps(directory) -> list[int]:
+    """The complete checkpoints in ``directory`` (Orbax's temporary directories are not
+    listed), oldest first."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def latest_step(workdir) -> int | None:
+    """The latest complete checkpoint step of ``workdir``, or None."""
+    steps = checkpoint_steps(checkpoints_dir(workdir))
+    return steps[-1] if steps else None
 
 
 class Checkpointer:
@@ -56,7 +107,7 @@ class Checkpointer:
             preservation_policy=policy, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+                                             item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,9 +118,9 @@ class Checkpointer:
             return False
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                     DATA: ocp.args.JsonSave(data_state),
+                                     META: ocp.args.JsonSave(meta)})
         saved = self.manager.save(step, args=args, metrics=metrics, force=True)
         if saved:
             log.info("checkpoint: saving step %d to %s (async)", step, self.directory)
@@ -78,15 +129,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of ``step``; ``abstract_state`` is a tree of
         ``jax.ShapeDtypeStruct`` with shardings (where the arrays will be placed)."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                     DATA: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()})
         out = self.manager.restore(step, args=args)
-        return out["state"], out["data"], out["meta"]
+        return out[STATE], out[DATA], out[META]
 
     def restore_meta(self, step: int) -> dict:
         """The ``meta`` item (run config, model config, step) of ``step``."""
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return out["meta"]
+        return restore_meta(self.manager, step)
 
     def restore_latest(self, abstract_state, check_meta: Callable[[dict, int], None]
                        ) -> tuple[int, Any, dict, dict] | None:
@@ -121,7 +171,7 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
-        dest = self.directory.parent / "unreadable_checkpoints" / str(step)
+        dest = self.directory.parent / UNREADABLE / str(step)
         log.warning("checkpoint %s/%d cannot be read (%s: %s); moving it to %s and using the "
                     "one before it", self.directory, step, type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "", dest)
@@ -131,8 +181,6 @@ class Checkpointer:
                 dest.rmtree()
             (self.directory / str(step)).rename(dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
 
@@ -141,6 +189,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The ``meta`` item (run config, model config, step) of ``step``."""
+    out = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    return out[META]
 
 
 def abstract_like(tree, shardings):
@@ -154,15 +208,6 @@ def abstract_like(tree, shardings):
 # --------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 _ABSENT = "(absent)"
 
 
@@ -170,7 +215,7 @@ def config_changes(saved: dict, current: dict, allowed) -> tuple[list[str], list
     """(refused, allowed) changes between two JSON configs, each ``'field: old -> new'``
     with dotted field names; a field matches ``allowed`` exactly or by its section
     (``'data.num_parallel_calls'``, or ``'mesh'`` for every mesh field)."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_dict(saved), flatten_dict(current)
     refused, ok = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
@@ -231,7 +276,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir):
-        self.path = as_path(workdir) / "lock"
+        self.path = as_path(workdir) / LOCK
         self.held = False
 
     UNREADABLE_STALE_S = 10.0
@@ -247,6 +292,22 @@ class WorkdirLock:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+
+    def owner(self) -> dict:
+        """The JSON of the run holding the lock ({} when there is none or it is unreadable)."""
+        owner = self._owner()
+        return owner if isinstance(owner, dict) else {}
+
+    def take_over_from_other_host(self) -> str | None:
+        """Remove a lock of another host (the host of a runtime that is gone, e.g. a Colab
+        runtime that disconnected and never removed it); returns that host, or None when
+        there was no such lock. Only for setups with one runtime per workdir: another
+        host's lock cannot be checked for liveness, which is why :meth:`acquire` refuses it."""
+        host = self.owner().get("host")
+        if not host or host == socket.gethostname():
+            return None
+        self.path.unlink(missing_ok=True)
+        return str(host)
 
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -305,8 +366,6 @@ def claim_workdir(workdir, config_json: dict):
     """For the duration of the block, process 0 holds ``WORKDIR/lock``; before it starts,
     every process checks that all of them run the same config and that process 0 got the
     lock (so that no process trains alone)."""
-    from deepvit_jax import parallel
-
     lock = WorkdirLock(workdir)
     lock_error = None
     if jax.process_index() == 0:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from deepvit_jax import saved_run
 from deepvit_jax.analysis import similarity as sim
 from deepvit_jax.analysis.collect import analyse
+from deepvit_jax.data import pipeline
 
 
 def load_images(data_cfg, model_cfg, num_images: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels): the first ``num_images`` of ``data_cfg``'s eval split, preprocessed
     for ``model_cfg`` (the evaluation transform), on the host."""
-    from deepvit_jax.data import pipeline
-
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1")
     ds = pipeline.dataset_info(data_cfg)
@@ -35,10 +35,8 @@ def analyse_checkpoint(path: str, *, step: int | None = None, ema: bool = False,
     ``num_images`` images of the split (the run's eval split for a training checkpoint;
     ``dataset`` is required for a model directory), plus what was analysed. With
     ``return_model``: ``(result, model, images)`` for :func:`plot_attention`."""
-    from deepvit_jax import evaluate
-
-    loaded = evaluate.load_checkpoint(path, step)
-    config = evaluate.eval_config(loaded, dataset=dataset, split=split, data_dir=data_dir)
+    loaded = saved_run.load_checkpoint(path, step)
+    config = saved_run.eval_config(loaded, dataset=dataset, split=split, data_dir=data_dir)
     model = loaded.model(ema=ema)
     images, _ = load_images(config.data, loaded.model_cfg, num_images)
     result = analyse(model, images, k=k, threshold=threshold, batch_size=batch_size,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepvit_jax.errors import InputError
+from deepvit_jax.errors import ModelFileError
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
 from deepvit_jax.utils import as_path, atomic_output, path_str
 
@@ -36,10 +36,6 @@ STATE_DIR = "state"
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a model file holds; RNG streams are not saved
 
 Path = tuple  # a state path, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
-
-
-class ModelFileError(InputError):
-    """A model directory is missing, incomplete or does not match its config."""
 
 
 # --------------------------------------------------------------------------------------

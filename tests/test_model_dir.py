@@ -1,4 +1,4 @@
-"""deepvit_jax.checkpoint: save_model / load_model / load_model_state round trips and errors."""
+"""deepvit_jax.model_dir: save_model / load_model / load_model_state round trips and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import deepvit_jax
-from deepvit_jax import checkpoint as ck
+from deepvit_jax import model_dir as ck
 
 
 def _model(**kw):
