@@ -140,7 +140,7 @@ def test_check_output(tmp_path):
     src.mkdir()
     with pytest.raises(cli.InputError, match="would write into the input"):
         cli.check_output(str(src / "x.json"), [str(src)])
-    with pytest.raises(cli.InputError, match="ending in .npy"):
+    with pytest.raises(cli.InputError, match=r"ending in \.npy"):
         cli.check_output(str(tmp_path / "x.txt"), [], suffix=".npy")
     (tmp_path / "old.npy").write_bytes(b"")
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -122,6 +122,17 @@ def ema_update(ema, new, decay):
 # --------------------------------------------------------------------------------------
 
 
+def _ema_step(state: TrainState, params, stats, opt_state, ema_decay: float, accum: int):
+    """(ema_params, ema_batch_stats) after one step: one EMA update per optimizer update (not
+    per accumulated micro-batch); unchanged when the run keeps no EMA."""
+    if ema_decay <= 0:
+        return state.ema_params, state.ema_batch_stats
+    applied = optax.MultiSteps.has_updated(opt_state) if accum > 1 else jnp.bool_(True)
+    decay = jnp.where(applied, ema_decay, 1.0)
+    return (ema_update(state.ema_params, params, decay),
+            ema_update(state.ema_batch_stats, stats, decay))
+
+
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config, *, mix_fn: Callable | None = None,
                     augment_fn: Callable | None = None) -> Callable:
@@ -164,15 +175,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        ema_params, ema_stats = state.ema_params, state.ema_batch_stats
-        if ema_decay > 0:
-            # One EMA update per optimizer update (not per accumulated micro-batch).
-            applied = (optax.MultiSteps.has_updated(opt_state) if accum > 1
-                       else jnp.bool_(True))
-            decay = jnp.where(applied, ema_decay, 1.0)
-            ema_params = ema_update(ema_params, params, decay)
-            ema_stats = ema_update(ema_stats, stats, decay)
-
+        ema_params, ema_stats = _ema_step(state, params, stats, opt_state, ema_decay, accum)
         metrics = {
             "train/loss": loss,
             "train/ce": ce,

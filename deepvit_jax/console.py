@@ -1,0 +1,125 @@
+"""The console and the log file of every command (used through ``deepvit_jax.cli``).
+
+The console shows warnings and errors, printed through any progress bar so that a log line
+never breaks it; INFO (and the libraries' per-step chatter) only with ``--verbose``.
+TensorFlow's and XLA's C++ notices (e.g. the oneDNN notice) are hidden unless ``--verbose``:
+``TF_CPP_MIN_LOG_LEVEL`` is set when the package is imported (``deepvit_jax/__init__.py``),
+before any command imports TensorFlow. A run's ``train.log`` (:func:`add_log_file`) gets
+INFO and above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+
+import tqdm
+
+from deepvit_jax.errors import one_line
+from deepvit_jax.utils import as_path, is_local
+
+# Libraries that log every checkpoint / dataset / compile step at INFO.
+_NOISY = ("orbax", "tensorflow_datasets", "jax/_src", "jax._src", "absl")
+
+
+def _not_noisy(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        k in record.pathname or record.name.startswith(k) for k in _NOISY)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr through ``tqdm.write``, so a log line never breaks a progress bar (what
+    ``tqdm.contrib.logging.logging_redirect_tqdm`` does, but that handler drops the level and
+    filters of the one it replaces)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {one_line(record.getMessage())}"
+
+
+class LogFile(logging.FileHandler):
+    """``train.log``. A write that fails (disk full, file removed) is the run's I/O error:
+    raised in the main thread (exit status 4, one line) instead of logging's own
+    ``--- Logging error ---`` traceback; the handler then stays silent. In other threads
+    (Orbax's async saves) the error is kept and raised at the next main-thread record."""
+
+    def __init__(self, path):
+        super().__init__(os.fspath(path))
+        self.failed: BaseException | None = None
+        self._raised = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed is None:
+            super().emit(record)
+        if (self.failed is not None and not self._raised
+                and threading.current_thread() is threading.main_thread()):
+            self._raised = True
+            raise self.failed
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed is None:
+            err = sys.exc_info()[1]
+            if not isinstance(err, OSError):
+                err = OSError(f"cannot write the log file: {err}")
+            if not err.filename:
+                err.filename = self.baseFilename
+            self.failed = err
+
+
+def setup_console(verbose: bool = False, *, quiet: bool = False,
+                  library_warnings: bool = True) -> None:
+    """The console of a command: warnings and errors on stderr through the progress bar
+    (``quiet``: errors only, e.g. processes other than 0); INFO too with ``verbose``.
+    Replaces absl's handler, so absl-logged library chatter follows the same rule;
+    ``library_warnings=False`` also drops the warnings libraries log through absl (Orbax's
+    notes on opening a checkpoint read-only are not a reader's concern)."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if not isinstance(h, LogFile):
+            root.removeHandler(h)
+    console = _ConsoleHandler(sys.stderr)
+    console.setFormatter(_Formatter())
+    console.setLevel(logging.INFO if verbose else
+                     (logging.ERROR if quiet else logging.WARNING))
+    if not verbose:
+        console.addFilter(_not_noisy)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(
+        logging.NOTSET if verbose or library_warnings else logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.raiseExceptions = verbose  # never logging's own tracebacks on the console
+
+
+def add_log_file(path) -> LogFile | None:
+    """Log INFO and above (without the libraries' per-step chatter) to ``path``; a local
+    convenience: an object-store path (``gs://``) cannot be appended line by line."""
+    if not is_local(path):
+        return None
+    p = as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    handler = LogFile(p)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_not_noisy)
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def remove_log_file(handler: LogFile | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        with contextlib.suppress(OSError):
+            handler.close()
