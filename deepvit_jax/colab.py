@@ -29,7 +29,7 @@ from typing import Any
 import jax
 
 import deepvit_jax
-from deepvit_jax import analysis, predict
+from deepvit_jax import analysis, configs, predict
 from deepvit_jax.convert import from_pytorch
 from deepvit_jax.data.__main__ import prepare
 from deepvit_jax.data.pipeline import dataset_info, get_builder
@@ -38,7 +38,8 @@ from deepvit_jax.model_dir import load_model
 from deepvit_jax.utils import atomic_output
 from deepvit_jax.workdir import WorkdirLock, latest_step
 
-DRIVE_MOUNT = "/content/drive"
+# Where Drive is mounted (Colab: /content/drive); the tests mount a stand-in elsewhere.
+DRIVE_MOUNT = os.environ.get("DEEPVIT_DRIVE_MOUNT", "/content/drive")
 DRIVE_ROOT = DRIVE_MOUNT + "/MyDrive"
 OFFICIAL_REPO = "https://github.com/zhoudaquan/dvit_repo"
 # The released checkpoints (reference: the official README) and the model each converts to.
@@ -189,14 +190,9 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 def config_dir() -> Path:
-    """The repository's ``configs/`` (next to the package in a git checkout)."""
-    here = Path(__file__).resolve().parents[1] / "configs"
-    for candidate in (here, Path.cwd() / "configs"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no configs/ folder next to the package ({here}) or in {Path.cwd()}: install from a "
-        f"git checkout (git clone ... && pip install -e DIR) or change into it (%cd DIR)")
+    """The recipes' folder, ``deepvit_jax/configs`` (shipped in the package; ``configs/`` of
+    a git checkout links to it)."""
+    return configs.DIR
 
 
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None):

@@ -1,5 +1,7 @@
 """Train DeepViT / ViT: ``python -m deepvit_jax.main --config configs/FILE.py[:ARG] --workdir DIR``
-(e.g. ``--config configs/default.py``, ``--config configs/i1k.py:deepvit_16b``).
+(e.g. ``--config configs/default.py``, ``--config configs/i1k.py:deepvit_16b``), or
+``deepvit-train --config default --workdir DIR``: ``--config`` also takes a recipe name
+(``default``, ``i1k:deepvit_16b``; the recipes ship in ``deepvit_jax/configs``).
 
 Any config field can be overridden: ``--config.batch_size=256``,
 ``--config.model.depth=4``, ``--config.mesh.fsdp=8`` (the sections are described in
@@ -26,7 +28,7 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from deepvit_jax import cli, parallel
+from deepvit_jax import cli, configs, parallel
 from deepvit_jax import workdir as workdir_lib
 from deepvit_jax.train.loop import train_and_evaluate
 
@@ -57,7 +59,23 @@ def _train():
         print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
 
-def run():
+def _recipe_names(argv: list[str]) -> list[str]:
+    """``--config NAME[:ARG]`` / ``--config=NAME[:ARG]`` with a recipe name (not a file)
+    rewritten to the recipe's path inside the package (``deepvit_jax.configs.resolve``)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + configs.resolve(a[len("--config="):])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = configs.resolve(out[i + 1])
+    return out
+
+
+def run(argv: list[str] | None = None):
+    """The ``deepvit-train`` console command (and ``python -m deepvit_jax.main``)."""
+    import sys
+
+    sys.argv = _recipe_names(sys.argv if argv is None else argv)
     cli.run_absl(main)
 
 
