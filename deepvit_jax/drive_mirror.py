@@ -25,14 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+from deepvit_jax.colab import DRIVE_MOUNT
+
 SKIP = {"lock"}  # the local run's lock belongs to the local workdir only
 
 
 def local_copy(workdir: str, local_root: str = "local_runs") -> str:
     """The local folder a workdir on Google Drive trains in (``local_runs/<name>`` under the
     working directory, ``/content`` on Colab); any other workdir is its own."""
-    from deepvit_jax.colab import DRIVE_MOUNT
-
     path = os.path.abspath(os.path.expanduser(workdir))
     if not path.startswith(os.path.abspath(DRIVE_MOUNT) + os.sep):
         return workdir
