@@ -37,6 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _setup_logging(workdir: str, is_main: bool) -> None:
     from absl import logging as absl_logging
 
+    from deepvit_jax.errors import storage_problem
     from deepvit_jax.utils import as_path, is_local
 
     absl_logging.set_verbosity(absl_logging.INFO if is_main else absl_logging.WARNING)
@@ -46,12 +47,16 @@ def _setup_logging(workdir: str, is_main: bool) -> None:
         # TensorBoard (object stores cannot append a log line by line).
         path = as_path(workdir)
         path.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path / "train.log")
+        from deepvit_jax.train.reporting import TrainLogHandler
+
+        handler = TrainLogHandler(path / "train.log")  # a full disk: exit 4, one line
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
     # Orbax and TFDS log every checkpoint / dataset step through absl at INFO: keep warnings.
     def quiet(record):
         noisy = any(k in record.pathname for k in ("orbax", "tensorflow_datasets", "jax/_src"))
+        if noisy and record.exc_info and storage_problem(record.exc_info[1]):
+            return False  # Orbax's traceback of a full disk: raised again, one line at exit
         return record.levelno >= logging.WARNING or not noisy
 
     absl_logging.get_absl_handler().addFilter(quiet)

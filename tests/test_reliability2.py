@@ -189,12 +189,15 @@ def test_object_store_takeovers_have_one_owner(ram_scheme, monkeypatch, contende
                 won.append(lock)
             except WorkdirLockedError:
                 pass
+            except Exception as error:  # anything else fails the test
+                won.append(error)
 
         threads = [threading.Thread(target=run) for _ in range(contenders)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert not [e for e in won if isinstance(e, Exception)], won
         owners.append(len(won))
         for lock in won:
             lock.release()
@@ -222,3 +225,237 @@ def test_object_store_empty_lock_waits_for_its_grace_period(ram_scheme, monkeypa
         assert json.loads(f.read())["pid"] == os.getpid()
     lock.release()
     assert not tf.io.gfile.exists(f"{ram_scheme}/lock")
+
+
+# ---------------------------------------------------------------------------------------
+# Training runs: a full disk (exit 4, then an exact resume) and SIGHUP (saved, exit 0)
+# ---------------------------------------------------------------------------------------
+
+RUN = ["--config.model.embed_dim=16", "--config.model.depth=2", "--config.model.num_heads=2",
+       "--config.model.reattn_blocks=(0,1)", "--config.batch_size=32",
+       "--config.log_every_steps=1", "--config.eval.every_steps=4",
+       "--config.eval.batch_size=40", "--config.checkpoint.every_steps=2",
+       "--config.data.shuffle_buffer=64", "--config.total_steps=8"]
+
+
+def _train_cmd(workdir, data_dir, entry=("-m", "deepvit_jax.main")):
+    return [sys.executable, *entry, f"--config={DEFAULT}", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", *RUN]
+
+
+def _train_env(**extra):
+    env = dict(os.environ)
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+    """The 8-step run, uninterrupted: (final step, final state, metrics rows)."""
+    from test_main import _final_state, _metrics
+
+    wd = tmp_path_factory.mktemp("reference")
+    r = subprocess.run(_train_cmd(wd, data_dir), cwd=ROOT, env=_train_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (*_final_state(wd), _metrics(wd))
+
+
+def _same_run(workdir, reference_run):
+    from test_main import _final_state, _metrics
+
+    ref_step, ref_state, ref_rows = reference_run
+    step, state = _final_state(workdir)
+    assert step == ref_step == 8 and set(state) == set(ref_state)
+    for k in ref_state:
+        np.testing.assert_array_equal(state[k], ref_state[k], err_msg=k)
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "eval/top1" in r] == [4, 8]
+    want = {(r["step"], k): v for r in ref_rows for k, v in r.items()
+            if k in ("train/loss", "eval/top1")}
+    got = {(r["step"], k): v for r in rows for k, v in r.items() if (r["step"], k) in want}
+    assert got == want
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+FULL_DISK = """
+set -u
+mount -t tmpfs -o size=1m tmpfs "$WD"
+"$@" > "$OUT/out1" 2> "$OUT/err1"; echo $? > "$OUT/rc1"
+mount -o remount,size=64m "$WD"   # space freed: the same command again
+"$@" > "$OUT/out2" 2> "$OUT/err2"; echo $? > "$OUT/rc2"
+cp -a "$WD/." "$OUT/workdir"
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_during_training_exits_4_and_the_rerun_loses_nothing(tmp_path, data_dir,
+                                                                        reference_run):
+    """A real filesystem that fills up (a 1 MiB tmpfs in a user+mount namespace): the first
+    checkpoints fit, a later save (Orbax's async save: TensorStore's RESOURCE_EXHAUSTED) or
+    a metrics / log write does not. Exit 4, one line naming the workdir and the fix; the
+    same command on the enlarged filesystem completes with the uninterrupted run's state."""
+    if not _can_mount_tmpfs():
+        pytest.skip("unprivileged user + mount namespaces are not available (unshare)")
+    wd, out = tmp_path / "wd", tmp_path / "out"
+    wd.mkdir()
+    out.mkdir()
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", FULL_DISK,
+           "full_disk", *_train_cmd(wd, data_dir)]
+    subprocess.run(cmd, cwd=ROOT, env=_train_env(WD=str(wd), OUT=str(out)), timeout=900,
+                   check=True)
+    rc1, err1 = int((out / "rc1").read_text()), (out / "err1").read_text()
+    assert rc1 == 4, err1[-3000:]
+    last = err1.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device writing "), last
+    assert str(wd) in last and "run the same command again" in last
+    assert "Traceback" not in err1 and "Logging error" not in err1, err1[-3000:]
+    assert int((out / "rc2").read_text()) == 0, (out / "err2").read_text()[-3000:]
+    _same_run(out / "workdir", reference_run)
+
+
+@pytest.mark.slow
+def test_sighup_saves_and_resumes_like_sigterm(tmp_path, data_dir, reference_run):
+    """The terminal closes (SIGHUP) after step 3: the run saves step 3 and exits 0; the
+    same command then completes with the uninterrupted run's state."""
+    wd = tmp_path / "run"
+    p = subprocess.Popen(_train_cmd(wd, data_dir, [str(ROOT / "tests" / "pausing_main.py")]),
+                         cwd=ROOT, env=_train_env(PAUSE_AT_STEP="3"), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from test_main import _wait_for
+
+    _wait_for(wd / "paused_at_3", p)
+    assert not (wd / "checkpoints" / "3").exists()
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert (wd / "checkpoints" / "3").is_dir()
+    assert "SIGHUP received (the terminal closed): saving a checkpoint" in (
+        wd / "train.log").read_text()
+    r = subprocess.run(_train_cmd(wd, data_dir), cwd=ROOT, env=_train_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(wd, reference_run)
+
+
+def test_sighup_ignored_by_nohup_stays_ignored():
+    from deepvit_jax.train.reporting import Preemption
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with Preemption():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup: train on
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with Preemption() as p:
+            assert signal.getsignal(signal.SIGHUP) == p._handler
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+# ---------------------------------------------------------------------------------------
+# Storage failures wherever they surface: exit 4, one line naming the path
+# ---------------------------------------------------------------------------------------
+
+# Verbatim: what Orbax's async save raises when TensorStore finds the disk full.
+TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "a/0.0" in OCDBT database at local file '
+    '"/w/checkpoints/4.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": '
+    'Failed writing: "/w/checkpoints/4.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+    'ocdbt.process_0/d/4c80": Failed to write 848253 bytes to file 4: No space left on '
+    "device [os_error_code='28']")
+
+
+def test_storage_failures_exit_4_with_one_line(capsys):
+    import errno
+
+    from deepvit_jax import errors
+
+    cases = [
+        (ValueError(TENSORSTORE_FULL), "no space left on the device", "/w/checkpoints/4"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded", "/w/metrics.jsonl"),
+         "disk quota exceeded", "/w/metrics.jsonl"),
+        (OSError(errno.EROFS, "Read-only file system", "/w/x"), "read-only filesystem", "/w/x"),
+        (RuntimeError("saving failed"), "no space left on the device", "/w/y"),
+    ]
+    try:  # an error wrapping an OSError (raise ... from e)
+        raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space", "/w/y")
+    except RuntimeError as e:
+        cases[-1] = (e, *cases[-1][1:])
+    for exc, problem, path in cases:
+        def body(exc=exc):
+            raise exc
+        assert errors.run_cli(body) == 4, exc
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {problem}"), err
+        assert path in err and "free space" in err, err
+    # Device memory is not a disk: XLA's RESOURCE_EXHAUSTED out-of-memory stays a bug.
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0G")
+    assert errors.exit_code(oom) == -1
+
+
+def test_train_log_on_a_full_disk_raises_once(tmp_path):
+    """train.log written to a full device (/dev/full: every write fails with ENOSPC)."""
+    import logging
+
+    from deepvit_jax.errors import StorageError
+    from deepvit_jax.train.reporting import TrainLogHandler
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    (tmp_path / "train.log").symlink_to("/dev/full")
+    handler = TrainLogHandler(tmp_path / "train.log")
+    logger = logging.getLogger("test_train_log_full")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(StorageError, match=r"no space left on the device writing .*"
+                                                r"train\.log: free space"):
+            logger.warning("a row")
+        logger.warning("another row")  # written no more, raised once
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A second Ctrl-C: exit 130 with the project's words
+# ---------------------------------------------------------------------------------------
+
+
+def _map_fn(x):  # traced by AutoGraph (tf.data), as the input pipeline's functions are
+    os.kill(os.getpid(), signal.SIGINT)
+    return x * 2
+
+
+def test_second_ctrl_c_inside_traced_code_says_aborted(capsys):
+    """The second SIGINT lands while TensorFlow traces the input pipeline: AutoGraph
+    re-raises it with its 'in user code:' trace in front; the line is still ours."""
+    import tensorflow as tf
+
+    from deepvit_jax import errors
+    from deepvit_jax.train.reporting import Preemption
+
+    before = signal.getsignal(signal.SIGINT)
+    with Preemption() as p:
+        p.flag, p.signal_name = True, "SIGINT"  # the first Ctrl-C arrived
+
+        def body():
+            tf.data.Dataset.range(3).map(_map_fn)
+
+        assert errors.run_cli(body) == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: SIGINT received again while stopping after SIGINT: aborted")
+    assert "in user code" not in err and "File " not in err

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from deepvit_jax import parallel
 from deepvit_jax.analysis.monitor import make_probe
-from deepvit_jax.errors import ConfigError, InputError, one_line
+from deepvit_jax.errors import (ConfigError, DeepViTError, InputError, StorageError,
+                                one_line, storage_message, storage_problem)
 from deepvit_jax.models import ModelConfig, get_config
 from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import evaluation
@@ -209,7 +210,16 @@ def train_and_evaluate(config, workdir: str, *,
     with (claim_workdir(workdir, json.loads(config.to_json_best_effort())),
           Preemption() as preemption,
           jax.set_mesh(parallel.make_mesh(config.mesh))):
-        return _train(config, workdir, preemption, on_step)
+        try:
+            return _train(config, workdir, preemption, on_step)
+        except Exception as e:  # a full disk, a quota, a permission: exit 4 with the fix
+            if isinstance(e, DeepViTError) or not storage_problem(e):
+                raise
+            raise StorageError(storage_message(
+                e, what=f"the workdir {workdir}",
+                fix="free space, raise the quota or fix the permissions there, or move the "
+                    "run to another --workdir; then run the same command again: it resumes "
+                    "from the last complete checkpoint")) from e
 
 
 def _train(config, workdir, preemption: Preemption, on_step) -> dict[str, float]:

@@ -9,8 +9,12 @@ step on resume, so it always describes one uninterrupted run (a last line cut sh
 kill is dropped). On resume the TensorBoard events are rewritten from the kept rows, so
 the steps replayed after the restored checkpoint are not shown twice.
 
-Preemption: SIGTERM and SIGINT set a flag that the loop checks before each step, before an
-evaluation and between evaluation batches; a second signal aborts at once (exit 130).
+Preemption: SIGTERM, SIGINT and SIGHUP (the terminal closed) set a flag that the loop
+checks before each step, before an evaluation and between evaluation batches; a second
+signal aborts at once (exit 130).
+
+A write that fails for lack of space, quota or permission (metrics, TensorBoard, train.log)
+stops the run with :class:`~deepvit_jax.errors.StorageError` (exit status 4).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import json
 import logging
 import os
 import signal
+import stat
+import sys
+import threading
 import time
 from typing import Any
 
@@ -26,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepvit_jax.errors import Aborted, TrainingStopped
+from deepvit_jax.errors import (Aborted, StorageError, TrainingStopped, storage_message,
+                                storage_problem)
 from deepvit_jax.utils import as_path, atomic_output
 
 log = logging.getLogger(__name__)
@@ -192,26 +200,75 @@ class StepMeter:
         return row
 
 
-class Preemption:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the next check
-    (before each step, before an evaluation, between evaluation batches). A second signal
-    raises :class:`~deepvit_jax.errors.Aborted` at once. With several processes the flag is
-    OR-ed across them so that all stop at the same point."""
+class TrainLogHandler(logging.FileHandler):
+    """``WORKDIR/train.log``. A write that fails for lack of space, quota or permission
+    raises :class:`~deepvit_jax.errors.StorageError` (once, from the main thread's next log
+    call) and the file is written no more, instead of logging's traceback on every record."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self, path):
+        super().__init__(os.fspath(path))
+        self.failed: BaseException | None = None
+        self._raised = False
+
+    def emit(self, record):
+        if self.failed is None:
+            super().emit(record)  # a failure lands in handleError
+        if self.failed is not None and not self._raised \
+                and threading.current_thread() is threading.main_thread():
+            self._raised = True
+            raise StorageError(storage_message(
+                self.failed, what=self.baseFilename,
+                fix="free space, raise the quota or fix the permissions there, or use "
+                    "another --workdir; then run the same command again (it resumes from "
+                    "the last complete checkpoint)")) from self.failed
+
+    def close(self):
+        try:
+            super().close()
+        except OSError as e:  # the last buffered lines on a full disk: reported already
+            if not storage_problem(e):
+                raise
+
+    def handleError(self, record):
+        exc = sys.exc_info()[1]
+        if exc is not None and storage_problem(exc):
+            self.failed = exc
+            return
+        super().handleError(record)
+
+
+class Preemption:
+    """SIGTERM / SIGINT / SIGHUP set a flag; the loop saves a checkpoint and exits at the next
+    check (before each step, before an evaluation, between evaluation batches). A second
+    signal raises :class:`~deepvit_jax.errors.Aborted` at once. With several processes the
+    flag is OR-ed across them so that all stop at the same point.
+
+    SIGHUP is what a closed terminal (an ssh session that ends) sends: it is handled as
+    SIGTERM, and the output that went to that terminal goes to /dev/null from then on
+    (``train.log`` keeps it), so that writing to a terminal that is gone cannot stop the
+    save. A run started with ``nohup`` (SIGHUP ignored) keeps ignoring it and trains on."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.flag = False
         self.signal_name = ""
-        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self._old = {}
+        for s in self.SIGNALS:
+            if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                continue  # nohup: the user asked to survive the hang-up
+            self._old[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
         if self.flag:
             raise Aborted(f"{name} received again while stopping after {self.signal_name}: "
                           "aborted; the run resumes from its last complete checkpoint")
-        log.warning("%s received: saving a checkpoint and stopping (send it again to abort "
-                    "without saving)", name)
+        log.warning("%s received%s: saving a checkpoint and stopping (send it again to abort "
+                    "without saving)", name,
+                    " (the terminal closed)" if signum == signal.SIGHUP else "")
         self.flag, self.signal_name = True, name
 
     def reached(self) -> bool:
@@ -236,6 +293,22 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout / stderr at /dev/null where they are a terminal or a pipe (``| tee``),
+    which die with the session: a write there would fail (EIO / EPIPE) before the save."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 class _Interruptible:
