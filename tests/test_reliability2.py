@@ -459,3 +459,53 @@ def test_second_ctrl_c_inside_traced_code_says_aborted(capsys):
     assert err.count("\n") == 1, err
     assert err.startswith("error: SIGINT received again while stopping after SIGINT: aborted")
     assert "in user code" not in err and "File " not in err
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs in the project's words, and inputs that are not numbers
+# ---------------------------------------------------------------------------------------
+
+from test_predict import model_dir  # noqa: E402,F401  (a small 1000-class model directory)
+
+
+def test_empty_or_non_image_file_is_not_an_image_file(model_dir, tmp_path, capsys):  # noqa: F811
+    from deepvit_jax import predict
+
+    for name, content in (("empty.png", b""), ("notes.jpg", b"shopping list"),
+                          ("cut.png", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert predict.main(["--checkpoint", str(model_dir), str(path)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: not an image file"), err
+        for leak in ("function_node", "{{", "[Op:", "job:localhost", "Traceback"):
+            assert leak not in err, err
+
+
+def test_arrays_that_are_not_numbers_are_refused(model_dir, tmp_path, capsys):  # noqa: F811
+    from deepvit_jax import predict
+
+    good = np.zeros((3, 32, 32, 3), np.float32)
+    cases = {"nan.npy": good.copy(), "inf.npy": good.copy(), "text.npy": np.full(
+        (1, 32, 32, 3), "a"), "ints.npy": good.astype(np.int64),
+        "complex.npy": good.astype(np.complex64)}
+    cases["nan.npy"][1, 4, 4, 0] = np.nan
+    cases["inf.npy"][2, 0, 0, 2] = -np.inf
+    for name, arr in cases.items():
+        np.save(tmp_path / name, arr)
+        out = tmp_path / "logits.npy"
+        assert predict.main(["--checkpoint", str(model_dir), str(tmp_path / name),
+                             "--output", str(out)]) == 2, name
+        captured = capsys.readouterr()
+        assert captured.out == "" and not out.exists(), (name, captured.out)  # no results
+        assert captured.err.count("\n") == 1 and str(tmp_path / name) in captured.err
+    assert "image 1 (of 3) holds NaN or inf" in _err_of(predict, model_dir, tmp_path / "nan.npy",
+                                                        capsys)
+    assert "image 2 (of 3) holds NaN or inf" in _err_of(predict, model_dir, tmp_path / "inf.npy",
+                                                        capsys)
+
+
+def _err_of(predict, model_dir, path, capsys):  # noqa: F811
+    predict.main(["--checkpoint", str(model_dir), str(path)])
+    return capsys.readouterr().err
