@@ -332,7 +332,9 @@ def test_sighup_saves_and_resumes_like_sigterm(tmp_path, data_dir, reference_run
     wd = tmp_path / "run"
     p = subprocess.Popen(_train_cmd(wd, data_dir, [str(ROOT / "tests" / "pausing_main.py")]),
                          cwd=ROOT, env=_train_env(PAUSE_AT_STEP="3"), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         # as from a terminal: a test runner may run with SIGHUP ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     from test_main import _wait_for
 
     _wait_for(wd / "paused_at_3", p)
