@@ -35,7 +35,8 @@ from typing import Any
 from deepvit_jax import parallel
 from deepvit_jax.console import (LogFile, add_log_file, remove_log_file,  # noqa: F401
                                  setup_console)
-from deepvit_jax.errors import (EXIT_ABORTED, ConfigError, InputError, exit_code, one_line)
+from deepvit_jax.errors import (EXIT_ABORTED, EXIT_IO, ConfigError, DeepViTError, InputError,
+                                exit_code, one_line, storage_message, storage_problem)
 from deepvit_jax.utils import atomic_output
 
 # --------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ def cli_errors(input_errors: tuple[type[BaseException], ...] = ()) -> Iterator[N
         if code < 0 or os.environ.get("DEEPVIT_TRACEBACK"):
             raise
         text = one_line(e)
+        if code == EXIT_IO and not isinstance(e, DeepViTError) and storage_problem(e):
+            text = storage_message(e)
         if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
             text = f"{e.filename}: {text}"
         print(f"error: {text}", file=sys.stderr, flush=True)

@@ -21,6 +21,10 @@ of the errors above too.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 EXIT_OK = 0
 EXIT_NONFINITE = 1
 EXIT_BAD_INPUT = 2
@@ -101,9 +105,93 @@ class EmptySplitError(InputError):
     """An image-folder split without a single decodable image."""
 
 
+class StorageError(DeepViTError):
+    """A write failed for lack of space, quota or permission (or the storage failed); the
+    message names the path and the fix."""
+
+    exit_code = EXIT_IO
+
+
+# Storage failures by errno, and by the text that wraps them where they arrive as another
+# exception type (TensorStore / Orbax raise ValueError('RESOURCE_EXHAUSTED: ... No space
+# left on device [os_error_code=28]'); TensorFlow's file layer raises its own OpErrors).
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the filesystem", errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error"}
+_STORAGE_TEXTS = (("No space left on device", errno.ENOSPC),
+                  ("Disk quota exceeded", errno.EDQUOT), ("File too large", errno.EFBIG),
+                  ("Read-only file system", errno.EROFS),
+                  ("Permission denied", errno.EACCES), ("PERMISSION_DENIED", errno.EACCES))
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """What went wrong with the storage behind ``exc`` ('no space left on the device',
+    'disk quota exceeded', 'permission denied', ...), looking through wrapping exceptions
+    and their text; None when ``exc`` is not a storage failure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[exc.errno]
+        if not isinstance(exc, (OSError, DeepViTError)):
+            text = str(exc)
+            m = _OS_ERROR_CODE.search(text)
+            if m and int(m.group(1)) in _STORAGE_ERRNOS:
+                return _STORAGE_ERRNOS[int(m.group(1))]
+            for needle, code in _STORAGE_TEXTS:
+                if needle in text:
+                    return _STORAGE_ERRNOS[code]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_QUOTED_PATH = re.compile(r'"((?:/|[a-z0-9]+://)[^"]+)"')
+
+
+def storage_path(exc: BaseException) -> str | None:
+    """The file a storage failure names (an OSError's filename, or the last quoted path in
+    a wrapped message), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.filename:
+            return os.fspath(exc.filename)
+        paths = _QUOTED_PATH.findall(str(exc))
+        if paths:
+            return paths[-1]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def storage_message(exc: BaseException, what: str = "", fix: str = "") -> str:
+    """One line for a storage failure: the problem, the path and the fix."""
+    problem = storage_problem(exc) or "I/O error"
+    path = storage_path(exc)
+    where = f" writing {what}" if what else ""
+    at = f" ({path})" if path and path not in what else ""
+    return (f"{problem}{where}{at}: "
+            + (fix or "free space, raise the quota or fix the permissions, then run the "
+               "same command again"))
+
+
+_TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]( name: \S*)?")
+
+
 def one_line(message: object) -> str:
-    """``message`` on one line (multi-line details joined with '; ')."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    """``message`` on one line (multi-line details joined with '; '), in the project's
+    words: TensorFlow's wrappers (``{{function_node ...}}``, ``[Op:...]``, AutoGraph's
+    'in user code:' trace) are stripped."""
+    text = str(message)
+    if text.lstrip().startswith("in user code:"):
+        # AutoGraph re-raises an exception from traced code with the trace in front of
+        # the original 'Type: message' line, the last one.
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
+    text = _TF_NODE.sub("", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return "no detail"
     out = lines[0]
@@ -116,6 +204,8 @@ def exit_code(exc: BaseException, input_errors: tuple[type[BaseException], ...] 
     """The exit status of ``exc`` (see the module docstring); -1 for a bug."""
     if isinstance(exc, DeepViTError):
         return exc.exit_code
+    if storage_problem(exc):  # also when wrapped by Orbax / TensorStore / TensorFlow
+        return EXIT_IO
     if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError,
                         IsADirectoryError, *input_errors)):
         return EXIT_BAD_INPUT

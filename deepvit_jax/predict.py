@@ -27,6 +27,7 @@ from tqdm import tqdm
 from deepvit_jax import cli
 from deepvit_jax.data.pipeline import ImageSpec
 from deepvit_jax.data.preprocess import decode_image
+from deepvit_jax.errors import one_line
 from deepvit_jax.model_dir import load_model
 from deepvit_jax.utils import as_path, atomic_output
 
@@ -77,14 +78,22 @@ def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
                 raise ValueError(
                     f"{path}: expected preprocessed float images of shape (N, {want[0]}, "
                     f"{want[1]}, 3) for model {cfg.name!r}, got {arr.dtype} {arr.shape}")
+            bad = ~np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"{path}: image {int(np.argmax(bad))} (of {len(arr)}) holds NaN or inf "
+                    f"values ({int(bad.sum())} such image(s)); a model cannot classify them: "
+                    "fix the array")
             batches.append(arr.astype(np.float32))
             labels += [f"{path}[{i}]" for i in range(arr.shape[0])]
             continue
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: not an image file (it is empty)")
         try:
             image = decode_image(tf.io.read_file(path))
-        except tf.errors.OpError as e:
-            raise ValueError(f"{path}: not a decodable image ({e.message.splitlines()[0]})") \
-                from e
+        except tf.errors.OpError as e:  # in our words: no TensorFlow graph / op names
+            raise ValueError(f"{path}: not an image file that can be decoded (JPEG, PNG, GIF, "
+                             f"BMP or WebP): {one_line(e.message)}") from None
         x = spec.eval_preprocess(image)
         batches.append(x.numpy()[None])
         labels.append(path)

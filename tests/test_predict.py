@@ -101,7 +101,7 @@ def test_predict_errors(model_dir, tmp_path, capsys):
     junk.write_bytes(b"not an image")
     out = tmp_path / "o.npy"
     assert predict.main(["--checkpoint", str(model_dir), str(junk), "--output", str(out)]) == 2
-    assert "not a decodable image" in capsys.readouterr().err
+    assert "not an image file" in capsys.readouterr().err
     assert not out.exists()
     assert predict.main(["--checkpoint", str(tmp_path / "nope"), str(junk)]) == 2
     assert "no such model directory" in capsys.readouterr().err

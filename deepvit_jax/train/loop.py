@@ -29,7 +29,9 @@ from deepvit_jax import workdir as workdir_lib
 from deepvit_jax.analysis.monitor import make_probe
 from deepvit_jax.data import pipeline
 from deepvit_jax.data.device_augment import make_device_augment
-from deepvit_jax.errors import ConfigError, InputError, NonFiniteLossError, Preempted, one_line
+from deepvit_jax.errors import (ConfigError, DeepViTError, InputError, NonFiniteLossError,
+                                Preempted, StorageError, one_line, storage_message,
+                                storage_problem)
 from deepvit_jax.models import ModelConfig, get_config
 from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import evaluator as evaluator_lib
@@ -226,9 +228,18 @@ def train_and_evaluate(config, workdir: str, *,
     # The context mesh (jax.set_mesh) is what attention_impl='pallas' splits per shard over.
     with (workdir_lib.claim_workdir(workdir, json.loads(config.to_json_best_effort())),
           Preemption() as preemption, jax.set_mesh(mesh)):
-        run = setup(config, workdir, mesh=mesh)
-        run.preemption = preemption
-        return Training(run, preemption, on_step).run()
+        try:
+            run = setup(config, workdir, mesh=mesh)
+            run.preemption = preemption
+            return Training(run, preemption, on_step).run()
+        except Exception as e:  # a full disk, a quota, a permission: exit 4 with the fix
+            if isinstance(e, DeepViTError) or not storage_problem(e):
+                raise
+            raise StorageError(storage_message(
+                e, what=f"the workdir {workdir}",
+                fix="free space, raise the quota or fix the permissions there, or move the "
+                    "run to another --workdir; then run the same command again: it resumes "
+                    "from the last complete checkpoint")) from e
 
 
 class Training:

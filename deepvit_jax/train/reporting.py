@@ -9,8 +9,12 @@ step on resume, so it always describes one uninterrupted run (a last line cut sh
 kill is dropped). On resume the TensorBoard events are rewritten from the kept rows, so
 the steps replayed after the restored checkpoint are not shown twice.
 
-Preemption: SIGTERM and SIGINT set a flag that the loop checks before each step, before an
-evaluation and between evaluation batches; a second signal aborts at once (exit 130).
+Preemption: SIGTERM, SIGINT and SIGHUP (the terminal closed) set a flag that the loop
+checks before each step, before an evaluation and between evaluation batches; a second
+signal aborts at once (exit 130).
+
+A write that fails for lack of space, quota or permission (metrics, TensorBoard, train.log)
+stops the run with :class:`~deepvit_jax.errors.StorageError` (exit status 4).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from typing import Any
 
@@ -186,25 +191,37 @@ class StepMeter:
 
 
 class Preemption:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the next check
-    (before each step, before an evaluation, between evaluation batches). A second signal
-    raises :class:`~deepvit_jax.errors.Aborted` at once. With several processes the flag is
-    OR-ed across them so that all stop at the same point."""
+    """SIGTERM / SIGINT / SIGHUP set a flag; the loop saves a checkpoint and exits at the next
+    check (before each step, before an evaluation, between evaluation batches). A second
+    signal raises :class:`~deepvit_jax.errors.Aborted` at once. With several processes the
+    flag is OR-ed across them so that all stop at the same point.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGHUP is what a closed terminal (an ssh session that ends) sends: it is handled as
+    SIGTERM, and the output that went to that terminal goes to /dev/null from then on
+    (``train.log`` keeps it), so that writing to a terminal that is gone cannot stop the
+    save. A run started with ``nohup`` (SIGHUP ignored) keeps ignoring it and trains on."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.flag = False
         self.signal_name = ""
-        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self._old = {}
+        for s in self.SIGNALS:
+            if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                continue  # nohup: the user asked to survive the hang-up
+            self._old[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
         if self.flag:
             raise Aborted(f"{name} received again while stopping after {self.signal_name}: "
                           "aborted; the run resumes from its last complete checkpoint")
-        log.warning("%s received: saving a checkpoint and stopping (send it again to abort "
-                    "without saving)", name)
+        log.warning("%s received%s: saving a checkpoint and stopping (send it again to abort "
+                    "without saving)", name,
+                    " (the terminal closed)" if signum == signal.SIGHUP else "")
         self.flag, self.signal_name = True, name
 
     def reached(self) -> bool:
@@ -227,6 +244,22 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout / stderr at /dev/null where they are a terminal or a pipe (``| tee``),
+    which die with the session: a write there would fail (EIO / EPIPE) before the save."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 class _Interruptible:
