@@ -42,11 +42,14 @@ LEVEL_DENOM = host.LEVEL_DENOM
 # point ops as lookup tables: name -> f(image uint8 (H, W, 3), arg) -> int32 LUT (3, 256)
 # ----------------------------------------------------------------------------------------
 
-_V = jnp.arange(256, dtype=jnp.int32)
+def _v():
+    """0..255 (int32). A function, not a module constant: a jnp array made at import would
+    start JAX's backend, which must wait for ``jax.distributed.initialize``."""
+    return jnp.arange(256, dtype=jnp.int32)
 
 
 def _lut_identity(img, arg):
-    return jnp.broadcast_to(_V, (3, 256))
+    return jnp.broadcast_to(_v(), (3, 256))
 
 
 def _grey(img):
@@ -65,49 +68,49 @@ def _lut_autocontrast(img, arg):
     lo = jnp.min(x, axis=(0, 1))[:, None]
     hi = jnp.max(x, axis=(0, 1))[:, None]
     scale = 255.0 / jnp.maximum(hi - lo, 1.0)
-    v = _V.astype(jnp.float32)[None, :]
+    v = _v().astype(jnp.float32)[None, :]
     y = jnp.clip(jnp.floor(v * scale - lo * scale), 0.0, 255.0).astype(jnp.int32)
-    return jnp.where(hi > lo, y, _V[None, :])
+    return jnp.where(hi > lo, y, _v()[None, :])
 
 
 def _lut_equalize(img, arg):
     def channel(c):
         hist = jnp.zeros(256, jnp.int32).at[c.reshape(-1).astype(jnp.int32)].add(1)
-        last = hist[jnp.max(jnp.where(hist > 0, _V, -1))]
+        last = hist[jnp.max(jnp.where(hist > 0, _v(), -1))]
         step = (jnp.sum(hist) - last) // 255
         lut = (step // 2 + jnp.cumsum(hist) - hist) // jnp.maximum(step, 1)
-        return jnp.where(step > 0, jnp.clip(lut, 0, 255), _V)
+        return jnp.where(step > 0, jnp.clip(lut, 0, 255), _v())
 
     return jnp.stack([channel(img[..., i]) for i in range(3)])
 
 
 def _lut_invert(img, arg):
-    return jnp.broadcast_to(255 - _V, (3, 256))
+    return jnp.broadcast_to(255 - _v(), (3, 256))
 
 
 def _lut_posterize(img, arg):
     bits = arg.astype(jnp.int32)
     mask = ~((1 << (8 - jnp.minimum(bits, 8))) - 1)
-    return jnp.broadcast_to(jnp.where(bits >= 8, _V, _V & mask), (3, 256))
+    return jnp.broadcast_to(jnp.where(bits >= 8, _v(), _v() & mask), (3, 256))
 
 
 def _lut_solarize(img, arg):
-    return jnp.broadcast_to(jnp.where(_V < arg.astype(jnp.int32), _V, 255 - _V), (3, 256))
+    return jnp.broadcast_to(jnp.where(_v() < arg.astype(jnp.int32), _v(), 255 - _v()), (3, 256))
 
 
 def _lut_solarize_add(img, arg):
-    out = jnp.where(_V < 128, jnp.minimum(_V + arg.astype(jnp.int32), 255), _V)
+    out = jnp.where(_v() < 128, jnp.minimum(_v() + arg.astype(jnp.int32), 255), _v())
     return jnp.broadcast_to(out, (3, 256))
 
 
 def _lut_contrast(img, arg):
     mean = jnp.floor(jnp.mean(_grey(img).astype(jnp.float32)) + 0.5)
-    out = _blend_f(mean, _V.astype(jnp.float32), arg).astype(jnp.int32)
+    out = _blend_f(mean, _v().astype(jnp.float32), arg).astype(jnp.int32)
     return jnp.broadcast_to(out, (3, 256))
 
 
 def _lut_brightness(img, arg):
-    out = _blend_f(0.0, _V.astype(jnp.float32), arg).astype(jnp.int32)
+    out = _blend_f(0.0, _v().astype(jnp.float32), arg).astype(jnp.int32)
     return jnp.broadcast_to(out, (3, 256))
 
 
