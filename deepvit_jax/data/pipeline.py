@@ -48,6 +48,7 @@ from deepvit_jax.errors import DatasetNotPreparedError, InputError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+READERS = ("tfrecord", "array_record")
 
 
 def _tf():
@@ -254,6 +255,21 @@ def process_split(split: str, process_index: int, process_count: int, *, drop_re
                                          drop_remainder=drop_remainder)
 
 
+def check_state(state, mine: dict[str, Any], *, ignore=()) -> None:
+    """Refuse a saved iterator state whose stream this run cannot reproduce (another batch
+    size, reader, order or - in the per-process order - process count)."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
+    saved = {"global_batch_size": int(state["global_batch_size"]),
+             "reader": str(state.get("reader", "tfrecord")),        # older states
+             "global_order": bool(state.get("global_order", True)),   # older states
+             "process_count": state.get("process_count")}
+    for key in saved.keys() - set(ignore):
+        if saved[key] != mine.get(key):
+            raise ValueError(f"iterator state has {key}={saved[key]}, this run has "
+                             f"{mine.get(key)}: the saved data position cannot be reproduced")
+
+
 class HostTrainStream:
     """This process's training batches as NumPy arrays (plus the state after each batch)."""
 
@@ -291,23 +307,16 @@ class HostTrainStream:
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
+        return {"version": STATE_VERSION, "reader": "tfrecord", "seed": self.seed,
+                "epoch": self.epoch,
                 "position": self.position, "global_batch_size": self.global_batch_size,
                 "process_count": self.process_count, "global_order": self.global_order,
                 "dataset": str(self.cfg.dataset), "split": str(self.cfg.train_split)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
-        saved = {"global_batch_size": int(state["global_batch_size"]),
-                 "global_order": bool(state.get("global_order", True)),   # older states
-                 "process_count": int(state["process_count"])}
-        mine = {k: v for k, v in self.get_state().items() if k in saved}
         # In the global order the stream does not depend on the process count.
-        for key in saved.keys() - ({"process_count"} if self.global_order else set()):
-            if saved[key] != mine[key]:
-                raise ValueError(f"iterator state has {key}={saved[key]}, this run has "
-                                 f"{mine[key]}: the saved data position cannot be reproduced")
+        check_state(state, self.get_state(),
+                    ignore=("process_count",) if self.global_order else ())
         self.seed = int(state["seed"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if self.position >= self.batches_per_epoch:
@@ -460,6 +469,13 @@ class TrainIterator:
     def batches_per_epoch(self) -> int:
         return self.host.batches_per_epoch
 
+    def close(self) -> None:
+        """Stop the reader's background work (worker processes of the array_record reader)."""
+        self._queue.clear()
+        close = getattr(self.host, "close", None)
+        if close is not None:
+            close()
+
 
 def _check_image_size(image_size, what="image_size"):
     if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
@@ -477,9 +493,23 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None.
     """
     _check_image_size(spec.size)
-    host = HostTrainStream(data_cfg, dataset or dataset_info(data_cfg),
-                           global_batch_size=global_batch_size, spec=spec, seed=seed,
-                           process_index=process_index, process_count=process_count)
+    reader = str(data_cfg.get("reader", "tfrecord"))
+    if reader not in READERS:
+        from deepvit_jax.errors import ConfigError
+
+        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    dataset = dataset or dataset_info(data_cfg)
+    if reader == "array_record":
+        from deepvit_jax.data.array_record import ArrayRecordTrainStream
+
+        host = ArrayRecordTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
+                                      spec=spec, seed=seed,
+                                      **dict(zip(("process_index", "process_count"),
+                                                 _process(process_index, process_count))))
+    else:
+        host = HostTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
+                               spec=spec, seed=seed, process_index=process_index,
+                               process_count=process_count)
     return TrainIterator(host, sharding, prefetch=int(data_cfg.get("prefetch_batches", 2)))
 
 
