@@ -112,9 +112,8 @@ def add_array_record(dataset_dir, *, progress: bool = True) -> dict[str, int]:
             from deepvit_jax.errors import InputError
 
             raise InputError(f"{path}: split {split.name!r} has {split.num_examples} records "
-                             f"but its ArrayRecord shards hold {written}; delete "
-                             f"{out_template.sharded_filepath(shard_index=0, num_shards=num_shards).name}"
-                             " and the other *.array_record-* shards and convert again")
+                             f"but its ArrayRecord shards hold {written}; delete its "
+                             f"*.{FORMAT}-* shards and convert again")
         counts[split.name] = written
     if FORMAT not in (proto.file_format, *proto.alternative_file_formats):
         proto.alternative_file_formats.append(FORMAT)

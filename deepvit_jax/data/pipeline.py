@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -270,6 +271,20 @@ def check_state(state, mine: dict[str, Any], *, ignore=()) -> None:
                              f"{mine.get(key)}: the saved data position cannot be reproduced")
 
 
+class _Raising:
+    """An iterator that raises ``exc`` (an error met while building an epoch's iterator in
+    the background, re-raised on the training thread)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise self.exc
+
+
 class HostTrainStream:
     """This process's training batches as NumPy arrays (plus the state after each batch)."""
 
@@ -304,6 +319,8 @@ class HostTrainStream:
         self._cached = None
         self.epoch, self.position = 0, 0
         self._it = None
+        self._next = None    # (epoch, Future of its iterator) built in the background
+        self._pool = None
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -321,7 +338,7 @@ class HostTrainStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        self._it = None
+        self._it = self._next = None
 
     # -- data ----------------------------------------------------------------------------
     def _encoded(self, epoch: int):
@@ -368,6 +385,37 @@ class HostTrainStream:
         ds = ds.batch(local, drop_remainder=True)
         return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
 
+    def _start(self, epoch: int, position: int):
+        """The epoch's batch iterator from ``position``, its first batch already pulled."""
+        it = iter(self._epoch_dataset(epoch, position).as_numpy_iterator())
+        try:
+            first = [next(it)]
+        except StopIteration:
+            first = []
+        except Exception as e:   # raised when the training thread gets there
+            return _Raising(e)
+        return itertools.chain(first, it)
+
+    def _prepare_next_epoch(self) -> None:
+        import concurrent.futures
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "next-epoch")
+        epoch = self.epoch + 1
+        self._next = (epoch, self._pool.submit(self._start, epoch, 0))
+
+    def _take_next_epoch(self):
+        pending, self._next = self._next, None
+        if pending is None or pending[0] != self.epoch or self.position != 0:
+            return None
+        return pending[1].result()
+
+    def close(self) -> None:
+        self._it, self._next = None, None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _undecodable(self, index: int | None):
         which = (f"example {index} of epoch {self.epoch} (in its shuffled order)"
                  if index is not None else
@@ -384,7 +432,12 @@ class HostTrainStream:
     def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(host batch, state after this batch)."""
         if self._it is None:
-            self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
+            self._it = self._take_next_epoch() or self._start(self.epoch, self.position)
+            # Build the next epoch's iterator (and its first batch) in the background: a new
+            # iterator costs about as much CPU as a short epoch's batches (tf.data optimises
+            # and instantiates the augmentation graph, then fills the shuffle buffer), and
+            # on the training thread every step of a small dataset waited for it.
+            self._prepare_next_epoch()
         try:
             batch = next(self._it)
         except StopIteration:   # fewer batches than batches_per_epoch: images were dropped
@@ -502,10 +555,9 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     if reader == "array_record":
         from deepvit_jax.data.array_record import ArrayRecordTrainStream
 
+        pi, pc = _process(process_index, process_count)
         host = ArrayRecordTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
-                                      spec=spec, seed=seed,
-                                      **dict(zip(("process_index", "process_count"),
-                                                 _process(process_index, process_count))))
+                                      spec=spec, seed=seed, process_index=pi, process_count=pc)
     else:
         host = HostTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
                                spec=spec, seed=seed, process_index=process_index,
