@@ -204,6 +204,10 @@ class ReadAugment:
             return ex[keys[0]], int(ex[keys[1]])
 
         self._parse = parse
+        # Grappler rewrites a tf.function's arithmetic (e.g. folds the normalisation), which
+        # tf.data does not do to its map functions: without it the same record and seed give
+        # bit-identical images in both readers (tests/test_data_array_record.py).
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
         fn = aug_lib.make_train_augment(ml_collections.ConfigDict(self.data_cfg),
                                         image_size=self.image_size, mean=self.mean,
                                         std=self.std)
@@ -323,6 +327,10 @@ class ArrayRecordTrainStream:
         ds = grain.MapDataset.range(start, 2**62).map(self.fn)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():   # grain reads its absl flags (defaults here)
+                flags.FLAGS.mark_as_parsed()
             buffer = max(1, int(self.cfg.get("prefetch_batches", 2)))
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=buffer),
