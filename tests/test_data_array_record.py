@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("grain")
 
-from deepvit_jax.data import index as index_lib  # noqa: E402
-from deepvit_jax.data.array_record import add_array_record, data_source  # noqa: E402
-from deepvit_jax.data.config import digits_data_config  # noqa: E402
-from deepvit_jax.data.pipeline import (ImageSpec, dataset_info,  # noqa: E402
+from deepvit_jax.data import index as index_lib
+from deepvit_jax.data.array_record import add_array_record, data_source
+from deepvit_jax.data.config import digits_data_config
+from deepvit_jax.data.pipeline import (ImageSpec, dataset_info,
                                        make_train_iterator)
 
 
@@ -105,7 +105,7 @@ def test_global_batches_equal_for_1_2_4_processes_and_each_reads_its_share(data_
             parts = [next(it) for it, _ in procs]
             for k in ("image", "label"):
                 np.testing.assert_array_equal(np.concatenate([x[k] for x in parts]), ref[s][k])
-        for p, (it, counter) in enumerate(procs):
+        for p, (_it, counter) in enumerate(procs):
             # exactly L = B / P records per step, and they are its slice of the global batch
             assert [len(k) for k in counter.keys] == [B // P] * steps
             for s, keys in enumerate(counter.keys):
