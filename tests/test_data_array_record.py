@@ -227,3 +227,30 @@ def test_missing_files_and_missing_extra_are_one_line_errors(tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_grain)
     with pytest.raises(ConfigError, match=r'pip install "deepvit-jax\[grain\]"'):
         _stream(cfg)
+
+
+_CHILD = r"""
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_data_array_record import _cfg, _stream
+it = _stream(_cfg({data_dir!r}), {p}, 2, 32)
+np.savez({out!r}, *[next(it)["image"] for _ in range(3)], state=repr(it.get_state()))
+"""
+
+
+def test_two_real_processes_give_the_one_process_batches(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD.format(
+        tests=tests, data_dir=data_dir, p=p, out=str(tmp_path / f"p{p}.npz"))])
+        for p in range(2)]
+    assert [proc.wait(timeout=300) for proc in procs] == [0, 0]
+    one = _stream(_cfg(data_dir), B=32)
+    parts = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
+    for s in range(3):
+        np.testing.assert_array_equal(
+            np.concatenate([x[f"arr_{s}"] for x in parts]), next(one)["image"])
+    assert str(parts[0]["state"]) == str(parts[1]["state"]) == repr(one.get_state())
