@@ -4,6 +4,9 @@
     prepare imagenet2012  --manual-dir DIR [--data-dir DIR]   from the two ImageNet tars
     prepare folder        --folder ROOT [--data-dir DIR]      ROOT/<split>/<class>/<images>
     prepare <tfds name>   [--data-dir DIR] [--manual-dir DIR] any TFDS dataset
+    prepare ... --array-record   also write ArrayRecord files beside the TFRecord ones (for
+                          data.reader='array_record'; in place, resumable; needs the grain
+                          extra). On a prepared dataset it only adds them.
     info    NAME          [--data-dir DIR] [--folder ROOT]    classes and split sizes
 
 TFDS shows progress bars (rate / ETA) while it generates and shuffles the splits.
@@ -78,8 +81,24 @@ def _report_skipped(skipped: dict[str, int]) -> None:
 
 
 def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-            folder: str | None = None) -> str:
-    """Prepare ``name`` into ``data_dir``; returns the prepared dataset's directory."""
+            folder: str | None = None, array_record: bool = False) -> str:
+    """Prepare ``name`` into ``data_dir`` (and add its ArrayRecord files with
+    ``array_record``); returns the prepared dataset's directory."""
+    if array_record:
+        from deepvit_jax.data.array_record import require_grain
+
+        require_grain()     # before hours of preparation
+    path = _prepare(name, data_dir=data_dir, manual_dir=manual_dir, folder=folder)
+    if array_record:
+        from deepvit_jax.data.array_record import add_array_record
+
+        counts = add_array_record(path)
+        print("ArrayRecord files: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return path
+
+
+def _prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+             folder: str | None = None) -> str:
     import tensorflow_datasets as tfds  # heavy: only when preparing
 
     _tf()
@@ -131,13 +150,16 @@ def main(argv=None) -> int:
         p.add_argument("--folder", default=None, help="for 'folder': ROOT/<split>/<class>/*")
         p.add_argument("--verbose", action="store_true",
                        help="also show INFO logs and TensorFlow / XLA notices")
+        if cmd == "prepare":
+            p.add_argument("--array-record", action="store_true",
+                           help="also write ArrayRecord files (data.reader='array_record')")
     args = parser.parse_args(argv)
     cli.setup_console(args.verbose)
 
     def body():
         if args.command == "prepare":
             path = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                           folder=args.folder)
+                           folder=args.folder, array_record=args.array_record)
             print(f"prepared {args.name} in {path}")
         cfg = default_data_config()
         cfg.dataset, cfg.data_dir, cfg.folder_path = args.name, args.data_dir, args.folder

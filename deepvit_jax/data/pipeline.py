@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from deepvit_jax.errors import DatasetNotPreparedError, InputError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+READERS = ("tfrecord", "array_record")
 
 
 def _tf():
@@ -254,6 +256,35 @@ def process_split(split: str, process_index: int, process_count: int, *, drop_re
                                          drop_remainder=drop_remainder)
 
 
+def check_state(state, mine: dict[str, Any], *, ignore=()) -> None:
+    """Refuse a saved iterator state whose stream this run cannot reproduce (another batch
+    size, reader, order or - in the per-process order - process count)."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
+    saved = {"global_batch_size": int(state["global_batch_size"]),
+             "reader": str(state.get("reader", "tfrecord")),        # older states
+             "global_order": bool(state.get("global_order", True)),   # older states
+             "process_count": state.get("process_count")}
+    for key in saved.keys() - set(ignore):
+        if saved[key] != mine.get(key):
+            raise ValueError(f"iterator state has {key}={saved[key]}, this run has "
+                             f"{mine.get(key)}: the saved data position cannot be reproduced")
+
+
+class _Raising:
+    """An iterator that raises ``exc`` (an error met while building an epoch's iterator in
+    the background, re-raised on the training thread)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise self.exc
+
+
 class HostTrainStream:
     """This process's training batches as NumPy arrays (plus the state after each batch)."""
 
@@ -288,31 +319,26 @@ class HostTrainStream:
         self._cached = None
         self.epoch, self.position = 0, 0
         self._it = None
+        self._next = None    # (epoch, Future of its iterator) built in the background
+        self._pool = None
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
+        return {"version": STATE_VERSION, "reader": "tfrecord", "seed": self.seed,
+                "epoch": self.epoch,
                 "position": self.position, "global_batch_size": self.global_batch_size,
                 "process_count": self.process_count, "global_order": self.global_order,
                 "dataset": str(self.cfg.dataset), "split": str(self.cfg.train_split)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a data-iterator state (version {STATE_VERSION}): {state!r}")
-        saved = {"global_batch_size": int(state["global_batch_size"]),
-                 "global_order": bool(state.get("global_order", True)),   # older states
-                 "process_count": int(state["process_count"])}
-        mine = {k: v for k, v in self.get_state().items() if k in saved}
         # In the global order the stream does not depend on the process count.
-        for key in saved.keys() - ({"process_count"} if self.global_order else set()):
-            if saved[key] != mine[key]:
-                raise ValueError(f"iterator state has {key}={saved[key]}, this run has "
-                                 f"{mine[key]}: the saved data position cannot be reproduced")
+        check_state(state, self.get_state(),
+                    ignore=("process_count",) if self.global_order else ())
         self.seed = int(state["seed"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        self._it = None
+        self._it = self._next = None
 
     # -- data ----------------------------------------------------------------------------
     def _encoded(self, epoch: int):
@@ -359,6 +385,37 @@ class HostTrainStream:
         ds = ds.batch(local, drop_remainder=True)
         return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
 
+    def _start(self, epoch: int, position: int):
+        """The epoch's batch iterator from ``position``, its first batch already pulled."""
+        it = iter(self._epoch_dataset(epoch, position).as_numpy_iterator())
+        try:
+            first = [next(it)]
+        except StopIteration:
+            first = []
+        except Exception as e:   # raised when the training thread gets there
+            return _Raising(e)
+        return itertools.chain(first, it)
+
+    def _prepare_next_epoch(self) -> None:
+        import concurrent.futures
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "next-epoch")
+        epoch = self.epoch + 1
+        self._next = (epoch, self._pool.submit(self._start, epoch, 0))
+
+    def _take_next_epoch(self):
+        pending, self._next = self._next, None
+        if pending is None or pending[0] != self.epoch or self.position != 0:
+            return None
+        return pending[1].result()
+
+    def close(self) -> None:
+        self._it, self._next = None, None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _undecodable(self, index: int | None):
         which = (f"example {index} of epoch {self.epoch} (in its shuffled order)"
                  if index is not None else
@@ -375,7 +432,12 @@ class HostTrainStream:
     def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(host batch, state after this batch)."""
         if self._it is None:
-            self._it = iter(self._epoch_dataset(self.epoch, self.position).as_numpy_iterator())
+            self._it = self._take_next_epoch() or self._start(self.epoch, self.position)
+            # Build the next epoch's iterator (and its first batch) in the background: a new
+            # iterator costs about as much CPU as a short epoch's batches (tf.data optimises
+            # and instantiates the augmentation graph, then fills the shuffle buffer), and
+            # on the training thread every step of a small dataset waited for it.
+            self._prepare_next_epoch()
         try:
             batch = next(self._it)
         except StopIteration:   # fewer batches than batches_per_epoch: images were dropped
@@ -460,6 +522,13 @@ class TrainIterator:
     def batches_per_epoch(self) -> int:
         return self.host.batches_per_epoch
 
+    def close(self) -> None:
+        """Stop the reader's background work (worker processes of the array_record reader)."""
+        self._queue.clear()
+        close = getattr(self.host, "close", None)
+        if close is not None:
+            close()
+
 
 def _check_image_size(image_size, what="image_size"):
     if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
@@ -477,9 +546,22 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None.
     """
     _check_image_size(spec.size)
-    host = HostTrainStream(data_cfg, dataset or dataset_info(data_cfg),
-                           global_batch_size=global_batch_size, spec=spec, seed=seed,
-                           process_index=process_index, process_count=process_count)
+    reader = str(data_cfg.get("reader", "tfrecord"))
+    if reader not in READERS:
+        from deepvit_jax.errors import ConfigError
+
+        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    dataset = dataset or dataset_info(data_cfg)
+    if reader == "array_record":
+        from deepvit_jax.data.array_record import ArrayRecordTrainStream
+
+        pi, pc = _process(process_index, process_count)
+        host = ArrayRecordTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
+                                      spec=spec, seed=seed, process_index=pi, process_count=pc)
+    else:
+        host = HostTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
+                               spec=spec, seed=seed, process_index=process_index,
+                               process_count=process_count)
     return TrainIterator(host, sharding, prefetch=int(data_cfg.get("prefetch_batches", 2)))
 
 

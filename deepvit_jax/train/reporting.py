@@ -182,8 +182,10 @@ class StepMeter:
                 and time.monotonic() - self._last_warning > 600):
             self._last_warning = time.monotonic()
             log.warning("input-bound: %.0f%% of the last %d steps waited for data (%.1f ms/step)"
-                        "; raise data.num_parallel_calls, use data.cache for small datasets, or "
-                        "add host cores", 100 * row["data_wait_fraction"], n,
+                        "; move RandAugment / erasing to the accelerator "
+                        "(data.device_augment=True), cache a split that fits in host memory "
+                        "(data.cache=True), or add host cores", 100 * row["data_wait_fraction"],
+                        n,
                         row["data_wait_ms"])
         self.window, self.checked, self.wait = [], 0, 0.0
         self.t0 = time.perf_counter()

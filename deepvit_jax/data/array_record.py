@@ -1,0 +1,380 @@
+"""ArrayRecord copies of prepared TFDS datasets, and the random-access training reader.
+
+``python -m deepvit_jax.data prepare NAME --array-record`` (``add_array_record``) writes, beside
+each TFRecord shard of a prepared dataset, the ArrayRecord shard with the same records in the
+same order, and lists ``array_record`` among the dataset's ``alternative_file_formats``: the
+tf.data reader keeps reading the TFRecord files, and ``tfds.data_source`` / ``as_data_source``
+can read the ArrayRecord ones at random.
+
+``data.reader='array_record'`` (``ArrayRecordTrainStream``): each process reads, per step, only
+the ``L = B / P`` records of its slice of the global batch (the index layer, data/index.py),
+with one batched random-access read, and decodes + augments them with the very augmentation
+of the tf.data reader (augment.py, same per-example seeds) in grain worker processes
+(``data.num_workers``; TensorFlow pinned to one thread and to the CPU in each).  Its batches
+do not depend on the process count, and its state is the small JSON of the tf.data reader
+(``seed``, ``epoch``, ``position``), so a run may resume on another number of hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from deepvit_jax.data import index as index_lib
+
+log = logging.getLogger(__name__)
+
+FORMAT = "array_record"
+INSTALL = 'pip install "deepvit-jax[grain]"'
+
+
+def require_grain():
+    """The ``grain`` module, or a one-line ConfigError with the install command."""
+    try:
+        import array_record.python.array_record_module  # noqa: F401
+        import grain
+    except ImportError as e:
+        from deepvit_jax.errors import ConfigError
+
+        raise ConfigError(f"data.reader='array_record' needs grain and array-record "
+                          f"(missing: {e.name}): {INSTALL}") from None
+    return grain
+
+
+# ----------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------
+
+
+def _tfds_core():
+    from tensorflow_datasets.core import dataset_info, file_adapters
+    from tensorflow_datasets.core.utils import py_utils
+
+    return dataset_info, file_adapters, py_utils
+
+
+def has_array_record(dataset_dir) -> bool:
+    from etils import epath
+
+    dataset_info, _, _ = _tfds_core()
+    proto = dataset_info.read_from_json(epath.Path(dataset_dir) / "dataset_info.json")
+    return FORMAT in (proto.file_format, *proto.alternative_file_formats)
+
+
+def add_array_record(dataset_dir, *, progress: bool = True) -> dict[str, int]:
+    """Write the ArrayRecord shards of every split of the prepared dataset in ``dataset_dir``
+    (a TFDS dataset version folder, e.g. ``DATA_DIR/imagenet2012/5.1.0``) in place, and list
+    the format in its ``dataset_info.json``. Returns {split: records}.
+
+    This is what ``tfds convert_format --dataset_version_dir DIR --out_file_format
+    array_record`` does (tensorflow_datasets/scripts/cli/convert_format_utils.py: each shard
+    re-written record by record with TFDS's file adapters, written to a temporary name then
+    renamed, then the format appended to ``alternative_file_formats``), with the same
+    TFDS functions; that module is not called because it imports Apache Beam at import time,
+    a large dependency this package does not otherwise need. Shards already converted are
+    kept (an interrupted conversion resumes), and every split's record count is checked."""
+    from etils import epath
+
+    dataset_info, file_adapters, py_utils = _tfds_core()
+    require_grain()
+    path = epath.Path(dataset_dir)
+    proto = dataset_info.read_from_json(path / "dataset_info.json")
+    in_format = file_adapters.FileFormat(proto.file_format or "tfrecord")
+    out_format = file_adapters.FileFormat(FORMAT)
+    reader = file_adapters.ADAPTER_FOR_FORMAT[in_format]
+    writer = file_adapters.ADAPTER_FOR_FORMAT[out_format]
+    splits = dataset_info.get_split_dict_from_proto(proto, data_dir=path, file_format=in_format)
+    counts = {}
+    for split in splits.values():
+        template = split.filename_template
+        out_template = template.replace(filetype_suffix=out_format.file_suffix)
+        num_shards = len(split.shard_lengths)
+        shards = range(num_shards)
+        if progress and in_format != out_format:
+            import tqdm
+
+            shards = tqdm.tqdm(shards, unit=" shards", desc=f"{proto.name} {split.name} -> "
+                               f"{FORMAT}")
+        for i in shards:
+            out = out_template.sharded_filepath(shard_index=i, num_shards=num_shards)
+            if in_format == out_format or out.exists():
+                continue
+            src = template.sharded_filepath(shard_index=i, num_shards=num_shards)
+            records = ((j, r.numpy()) for j, r in enumerate(reader.make_tf_data(src)))
+            with py_utils.incomplete_file(out) as tmp:
+                writer.write_examples(tmp, records)
+        written = sum(writer.num_examples(out_template.sharded_filepath(
+            shard_index=i, num_shards=num_shards)) for i in range(num_shards))
+        if written != split.num_examples:
+            from deepvit_jax.errors import InputError
+
+            raise InputError(f"{path}: split {split.name!r} has {split.num_examples} records "
+                             f"but its ArrayRecord shards hold {written}; delete its "
+                             f"*.{FORMAT}-* shards and convert again")
+        counts[split.name] = written
+    if FORMAT not in (proto.file_format, *proto.alternative_file_formats):
+        proto.alternative_file_formats.append(FORMAT)
+        dataset_info.write_dataset_info_proto(proto, dataset_info_dir=path)
+    return counts
+
+
+def data_source(dataset_dir, split: str):
+    """The split's ArrayRecord records as raw serialized bytes (``tfds`` random access)."""
+    import tensorflow_datasets as tfds
+
+    # A builder of its own: as_data_source switches the builder's file format, which the
+    # tf.data reader's builder must keep.
+    builder = tfds.builder_from_directory(os.fspath(dataset_dir))
+    return builder.as_data_source(split, file_format=FORMAT,
+                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+
+
+# ----------------------------------------------------------------------------------------
+# The per-step work (runs in a grain worker)
+# ----------------------------------------------------------------------------------------
+
+
+def worker_init(worker_index: int, worker_count: int) -> None:
+    """In each grain worker: TensorFlow on one thread, on the CPU only (the accelerator
+    belongs to JAX in the training process)."""
+    del worker_index, worker_count
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):
+            pass
+
+
+class ReadAugment:
+    """step -> this process's host batch of that step: reads its L records (one batched
+    read), decodes and augments each with the per-example seed of the tf.data reader.
+    Picklable (grain sends it to the workers); opens the source and traces the
+    augmentation lazily in the process that runs it."""
+
+    def __init__(self, *, dataset_dir: str, split: str, image_key: str, label_key: str,
+                 data_cfg: dict, image_size: int, mean, std, seed: int, num_records: int,
+                 global_batch_size: int, process_index: int, process_count: int,
+                 batches_per_epoch: int, source=None):
+        self.dataset_dir, self.split = str(dataset_dir), split
+        self.image_key, self.label_key = image_key, label_key
+        self.data_cfg = dict(data_cfg)
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.seed, self.n = int(seed), int(num_records)
+        self.B, self.p, self.P = int(global_batch_size), int(process_index), int(process_count)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self._source = source          # tests inject a counting source (in-process only)
+        self._parse = self._augment = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = state["_parse"] = state["_augment"] = None
+        return state
+
+    def records(self, step: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(epoch, global positions, record indices) that this process reads at ``step``."""
+        epoch, position = divmod(int(step), self.batches_per_epoch)
+        pos = index_lib.process_positions(position, self.B, self.p, self.P)
+        return epoch, pos, index_lib.permute(pos, self.n, self.seed, epoch)
+
+    def _setup(self):
+        import ml_collections
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        from deepvit_jax.data import augment as aug_lib
+        from deepvit_jax.data.pipeline import _seed_words
+
+        if self._source is None:
+            self._source = data_source(self.dataset_dir, self.split)
+        features = tfds.builder_from_directory(self.dataset_dir).info.features
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}
+        keys = (self.image_key, self.label_key)
+
+        def parse(record):
+            ex = features.deserialize_example_np(record, decoders=decoders)
+            return ex[keys[0]], int(ex[keys[1]])
+
+        self._parse = parse
+        # Grappler rewrites a tf.function's arithmetic (e.g. folds the normalisation), which
+        # tf.data does not do to its map functions: without it the same record and seed give
+        # bit-identical images in both readers (tests/test_data_array_record.py).
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+        fn = aug_lib.make_train_augment(ml_collections.ConfigDict(self.data_cfg),
+                                        image_size=self.image_size, mean=self.mean,
+                                        std=self.std)
+        self._augment = tf.function(fn, input_signature=(
+            tf.TensorSpec((), tf.string), tf.TensorSpec((2,), tf.int64)))
+        self._seed_words = _seed_words
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        if self._augment is None:
+            self._setup()
+        epoch, pos, rec = self.records(step)
+        raw = self._source.__getitems__([int(r) for r in rec])
+        words = self._seed_words(self.seed, epoch, 0, 3)   # the tf.data reader's, read rank 0
+        base = np.array([words[0] % (2**62), words[1] % (2**62)], np.int64)
+        images, labels, bad = [], [], -1
+        for j, record in enumerate(raw):
+            encoded, label = self._parse(record)
+            try:
+                img = self._augment(encoded, base + np.array([0, pos[j]], np.int64)).numpy()
+            except Exception as e:   # tf.errors.InvalidArgumentError: not an image
+                if "InvalidArgument" not in type(e).__name__:
+                    raise
+                bad = j
+                break
+            images.append(img)
+            labels.append(label)
+        if bad >= 0:    # reported (with its position) by the training process
+            return {"step": np.int64(step), "bad": np.int64(bad)}
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
+                "step": np.int64(step), "bad": np.int64(-1)}
+
+
+# ----------------------------------------------------------------------------------------
+# The training stream
+# ----------------------------------------------------------------------------------------
+
+
+def num_workers(data_cfg) -> int:
+    w = int(data_cfg.get("num_workers", -1))
+    return os.cpu_count() or 1 if w < 0 else w
+
+
+class ArrayRecordTrainStream:
+    """This process's training batches (``HostTrainStream``'s interface) from ArrayRecord
+    files: per step exactly its ``L = B / P`` records, augmented in grain workers."""
+
+    reader = FORMAT
+
+    def __init__(self, data_cfg, dataset, *, global_batch_size: int, spec, seed: int,
+                 process_index: int, process_count: int, source=None):
+        from deepvit_jax.errors import ConfigError
+
+        require_grain()
+        self.cfg = data_cfg
+        if not bool(data_cfg.get("global_order", True)):
+            raise ConfigError("data.global_order=False does not apply to "
+                              "data.reader='array_record', which always reads only this "
+                              "process's records in the global order: drop the setting")
+        self.process_index, self.process_count = process_index, process_count
+        self.global_batch_size = int(global_batch_size)
+        if self.global_batch_size <= 0 or self.global_batch_size % process_count:
+            raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
+                             f"multiple of the process count ({process_count})")
+        self.local_batch = self.global_batch_size // process_count
+        self.seed = int(seed)
+        self.split = dataset.train_split
+        builder = dataset.builder
+        self.dataset_dir = str(builder.data_dir)
+        if not has_array_record(self.dataset_dir):
+            from deepvit_jax.errors import InputError
+
+            name = {"digits": "digits", "folder": "folder"}.get(str(data_cfg.dataset),
+                                                                 str(data_cfg.dataset))
+            raise InputError(
+                f"data.reader='array_record': {self.dataset_dir} has no ArrayRecord files; "
+                f"add them with `python -m deepvit_jax.data prepare {name} --array-record"
+                f"{' --folder ' + str(data_cfg.folder_path) if name == 'folder' else ''}"
+                f" --data-dir {dataset.data_dir}`")
+        self.num_records = int(builder.info.splits[self.split].num_examples)
+        self.batches_per_epoch = self.num_records // self.global_batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the train split {self.split!r} has {self.num_records} examples, "
+                             f"fewer than global_batch_size={self.global_batch_size}")
+        self.fn = ReadAugment(
+            dataset_dir=self.dataset_dir, split=self.split, image_key=data_cfg.image_key,
+            label_key=data_cfg.label_key, data_cfg=data_cfg.to_dict(), image_size=spec.size,
+            mean=spec.mean, std=spec.std, seed=self.seed, num_records=self.num_records,
+            global_batch_size=self.global_batch_size, process_index=process_index,
+            process_count=process_count, batches_per_epoch=self.batches_per_epoch,
+            source=source)
+        self.num_workers = num_workers(data_cfg)
+        self.epoch, self.position = 0, 0
+        self._it = None
+
+    # -- state (the same JSON as the tf.data reader's global order, without the P) -----
+    def get_state(self) -> dict[str, Any]:
+        from deepvit_jax.data.pipeline import STATE_VERSION
+
+        return {"version": STATE_VERSION, "reader": FORMAT, "seed": self.seed,
+                "epoch": self.epoch, "position": self.position,
+                "global_batch_size": self.global_batch_size, "global_order": True,
+                "dataset": str(self.cfg.dataset), "split": str(self.cfg.train_split)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        from deepvit_jax.data.pipeline import check_state
+
+        check_state(state, self.get_state(), ignore=("process_count",))
+        self.close()
+        self.seed = self.fn.seed = int(state["seed"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # -- data ----------------------------------------------------------------------------
+    def _pipeline(self, start: int):
+        grain = require_grain()
+        ds = grain.MapDataset.range(start, 2**62).map(self.fn)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():   # grain reads its absl flags (defaults here)
+                flags.FLAGS.mark_as_parsed()
+            buffer = max(1, int(self.cfg.get("prefetch_batches", 2)))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=buffer),
+                worker_init_fn=worker_init)
+        return iter(ds)
+
+    def _undecodable(self, step: int, j: int):
+        from deepvit_jax.errors import InputError
+
+        epoch, pos, rec = self.fn.records(step)
+        return InputError(
+            f"train split {self.split!r} of {self.cfg.dataset!r}: example {int(pos[j])} of "
+            f"epoch {epoch} (in its shuffled order; record {int(rec[j])} of the split) failed "
+            "to decode; a skipped image would shift every later batch (and desynchronise "
+            "processes), so prepare the dataset with `python -m deepvit_jax.data prepare "
+            "...`, which skips and counts undecodable images")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        step = self.epoch * self.batches_per_epoch + self.position
+        if self._it is None:
+            self._it = self._pipeline(step)
+        out = next(self._it)
+        if int(out["step"]) != step:   # cannot happen: grain keeps the order
+            raise RuntimeError(f"array_record reader: got step {int(out['step'])}, "
+                               f"expected {step}")
+        if int(out["bad"]) >= 0:
+            self.close()
+            raise self._undecodable(step, int(out["bad"]))
+        self.position += 1
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return {"image": out["image"], "label": out["label"]}, self.get_state()
+
+    def close(self) -> None:
+        """Stop the worker processes (also done at exit: they are daemonic)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # interpreter shutdown
+            pass
