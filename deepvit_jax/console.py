@@ -30,6 +30,14 @@ def _not_noisy(record: logging.LogRecord) -> bool:
         k in record.pathname or record.name.startswith(k) for k in _NOISY)
 
 
+def _not_a_duplicate(record: logging.LogRecord) -> bool:
+    """asyncio's "exception was never retrieved" about a failed background write (Orbax's
+    async save): the same failure is raised where the run waits for the save and is
+    reported as the command's one error line; this echo of it comes later, at garbage
+    collection, and would otherwise be the last line on the console. It stays in train.log."""
+    return not (record.name == "asyncio" and "exception was never retrieved" in str(record.msg))
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """stderr through ``tqdm.write``, so a log line never breaks a progress bar (what
     ``tqdm.contrib.logging.logging_redirect_tqdm`` does, but that handler drops the level and
@@ -66,6 +74,15 @@ class LogFile(logging.FileHandler):
             self._raised = True
             raise self.failed
 
+    def close(self) -> None:
+        """Closing flushes what a failed write left in the buffer: that fails again, and is
+        the same failure (already kept in ``failed``), so it is not raised twice."""
+        try:
+            super().close()
+        except OSError as e:
+            if self.failed is None:
+                self.failed = e
+
     def handleError(self, record: logging.LogRecord) -> None:
         if self.failed is None:
             err = sys.exc_info()[1]
@@ -95,6 +112,7 @@ def setup_console(verbose: bool = False, *, quiet: bool = False,
                      (logging.ERROR if quiet else logging.WARNING))
     if not verbose:
         console.addFilter(_not_noisy)
+    console.addFilter(_not_a_duplicate)
     root.addHandler(console)
     root.setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(

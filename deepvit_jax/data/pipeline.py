@@ -44,7 +44,7 @@ import numpy as np
 
 from deepvit_jax.data import augment as aug_lib
 from deepvit_jax.data import preprocess
-from deepvit_jax.errors import DatasetNotPreparedError, InputError
+from deepvit_jax.errors import ConfigError, DatasetNotPreparedError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -548,11 +548,10 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     _check_image_size(spec.size)
     reader = str(data_cfg.get("reader", "tfrecord"))
     if reader not in READERS:
-        from deepvit_jax.errors import ConfigError
-
         raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
     dataset = dataset or dataset_info(data_cfg)
     if reader == "array_record":
+        # array_record imports this module (its reader reuses the augmentation and state).
         from deepvit_jax.data.array_record import ArrayRecordTrainStream
 
         pi, pc = _process(process_index, process_count)
