@@ -27,7 +27,7 @@ from flax import nnx
 
 from deepvit_jax.errors import ModelFileError
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
-from deepvit_jax.utils import as_path, atomic_output, path_str
+from deepvit_jax.utils import as_path, atomic_output, claim_output, path_str
 
 FORMAT = "deepvit-jax-model"
 VERSION = 1
@@ -174,7 +174,9 @@ def check_replaceable(path: str | os.PathLike, *, overwrite: bool) -> None:
 def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Write ``model`` (weights + BatchNorm statistics + its ModelConfig) to directory ``path``.
 
-    Written to ``path + '.partial'`` first and renamed at the end. Refuses to replace an
+    Claimed first (a concurrent writer of ``path`` fails at once, exit 3), written to a
+    temporary ``NAME.deepvit-partial-<token>`` beside it and renamed at the end
+    (``utils.atomic_output``). Refuses to replace an
     existing ``path`` unless ``overwrite`` and ``path`` is a model directory (never any
     other directory or file). Returns the absolute path (or the URL, e.g. ``gs://...``).
     """
@@ -183,17 +185,18 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
         raise TypeError(f"save_model needs a DeepViT (with a .config ModelConfig), "
                         f"got {type(model).__name__}")
     path = as_path(path)
-    check_replaceable(path, overwrite=overwrite)
     primary = jax.process_index() == 0
-    with atomic_output(path, primary=primary) as tmp:
-        tmp = as_path(tmp)
-        ckptr = _checkpointer()
-        ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
-        ckptr.wait_until_finished()
-        if primary:
-            with (tmp / CONFIG_FILE).open("w") as f:
-                json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
-                          indent=2)
+    with claim_output(path, primary=primary, collective=True):  # checked under the claim
+        check_replaceable(path, overwrite=overwrite)
+        with atomic_output(path, primary=primary, collective=True) as tmp:
+            tmp = as_path(tmp)
+            ckptr = _checkpointer()
+            ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
+            ckptr.wait_until_finished()
+            if primary:
+                with (tmp / CONFIG_FILE).open("w") as f:
+                    json.dump({"format": FORMAT, "version": VERSION,
+                               "config": cfg.to_dict()}, f, indent=2)
     return os.fspath(path)
 
 

@@ -1,0 +1,115 @@
+"""Issue 24: reliability, second round (continued). One section per case of
+docs/reliability.md that this round added:
+
+* conversions that cannot silently zero a model: integer / boolean weights refused, NaN /
+  inf refused unless --allow-nonfinite, a dtype / range summary per group of tensors;
+* outputs two writers cannot corrupt: of two concurrent writers of one output exactly one
+  wins and the other exits 3; temporary names are marked and only ours are removed;
+* a full disk while writing an output: one line, exit 4;
+* image inputs with a pixel limit (decompression bombs refused from the header);
+* nothing the user made replaced silently (a workdir with another run's files);
+* config values checked for meaning; prepare --val-fraction.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+# ---------------------------------------------------------------------------------------
+# Conversions that check what they write
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vp_file(tmp_path_factory):
+    """A tiny vit-pytorch DeepViT state dict (2 blocks, dim 32, 32 px)."""
+    from deepvit_jax.reference.vit_pytorch import load_deepvit_class
+
+    torch.manual_seed(0)
+    ref = load_deepvit_class()(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2,
+                               heads=4, mlp_dim=64, dim_head=8).eval()
+    path = tmp_path_factory.mktemp("vp") / "vp.pt"
+    torch.save(ref.state_dict(), path)
+    return path, ref.state_dict()
+
+
+def _convert(args, capsys):
+    from deepvit_jax.convert.__main__ import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_convert_refuses_integer_weights_and_nonfinite_unless_allowed(vp_file, tmp_path,
+                                                                     capsys):
+    _, sd = vp_file
+    # An int64 cast (weights ~0.1 -> 0): before, an all-zero model was written, exit 0.
+    ints = {k: (v * 100).to(torch.int64) for k, v in sd.items()}
+    ints["transformer.layers.0.0.reattn_weights"] = sd["transformer.layers.0.0.reattn_weights"]
+    torch.save(ints, tmp_path / "ints.pt")
+    out = tmp_path / "m"
+    rc, err = _convert([tmp_path / "ints.pt", "--out", out], capsys)
+    assert rc == 2 and not out.exists(), err
+    assert f"{len(sd) - 1} of the vit-pytorch checkpoint's weights are not floating-point " \
+        "tensors" in err and "to_patch_embedding.1.weight: int64" in err, err
+    assert "Traceback" not in err
+    bools = dict(sd, **{"mlp_head.1.bias": torch.ones(5, dtype=torch.bool)})
+    torch.save(bools, tmp_path / "bools.pt")
+    rc, err = _convert([tmp_path / "bools.pt", "--out", out], capsys)
+    assert rc == 2 and "mlp_head.1.bias: bool" in err and not out.exists(), err
+
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["transformer.layers.1.1.net.1.weight"][3, 5] = float("nan")
+    nan["mlp_head.1.bias"][0] = float("inf")
+    torch.save(nan, tmp_path / "nan.pt")
+    rc, err = _convert([tmp_path / "nan.pt", "--out", out], capsys)
+    assert rc == 2 and not out.exists(), err
+    assert "2 tensor(s) hold NaN/inf" in err and "--allow-nonfinite" in err
+    assert "transformer.layers.1.1.net.1.weight: 1 of 2048 values are NaN/inf" in err, err
+    rc, err = _convert([tmp_path / "nan.pt", "--out", out, "--allow-nonfinite"], capsys)
+    assert rc == 0, err
+    from deepvit_jax.model_dir import load_model, model_arrays
+
+    arrays = model_arrays(load_model(out))
+    assert sum(int(np.sum(~np.isfinite(a))) for a in arrays.values()) == 2  # kept as given
+
+
+def test_convert_prints_a_dtype_and_range_summary_per_group(vp_file, tmp_path, capsys):
+    path, sd = vp_file
+    rc, err = _convert([path, "--out", tmp_path / "m"], capsys)
+    assert rc == 0, err
+    lines = err.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.strip().startswith("group"))
+    rows = {}
+    for ln in lines[head + 1:]:
+        parts = ln.split()
+        if len(parts) != 8:
+            break
+        rows[parts[0]] = parts[1:]
+    # the two blocks' MLP first layer: one group, checked against the PyTorch tensors
+    from deepvit_jax.model_dir import load_model, model_arrays
+
+    arrays = model_arrays(load_model(tmp_path / "m"))
+    groups = {}
+    for key, a in arrays.items():
+        name = ".".join("*" if str(p).isdigit() else str(p) for p in key[:-1])
+        groups.setdefault(name, []).append(a)
+    assert set(rows) == set(groups), (sorted(rows), sorted(groups))
+    for name, arrs in groups.items():
+        vals = np.concatenate([a.ravel() for a in arrs]).astype(np.float64)
+        n, size, dtype, lo, hi, mean, bad = rows[name]
+        assert (int(n), int(size), dtype, int(bad)) == (len(arrs), vals.size, "float32", 0)
+        np.testing.assert_allclose([float(lo), float(hi), float(mean)],
+                                   [vals.min(), vals.max(), np.abs(vals).mean()], rtol=1e-3)
+    # the PyTorch side of one group: all qkv weights of both blocks
+    qkv = np.concatenate([sd[f"transformer.layers.{b}.0.to_qkv.weight"].numpy().ravel()
+                          for b in (0, 1)])
+    qkv_row = next(r for g, r in rows.items() if g.endswith("qkv"))
+    np.testing.assert_allclose(float(qkv_row[4]), qkv.max(), rtol=1e-3)
