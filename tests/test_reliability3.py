@@ -99,7 +99,7 @@ def test_convert_prints_a_dtype_and_range_summary_per_group(vp_file, tmp_path, c
     arrays = model_arrays(load_model(tmp_path / "m"))
     groups = {}
     for key, a in arrays.items():
-        name = ".".join("*" if str(p).isdigit() else str(p) for p in key[:-1])
+        name = ".".join("*" if str(p).isdigit() else str(p) for p in key[:-1]) or key[0]
         groups.setdefault(name, []).append(a)
     assert set(rows) == set(groups), (sorted(rows), sorted(groups))
     for name, arrs in groups.items():
@@ -113,3 +113,109 @@ def test_convert_prints_a_dtype_and_range_summary_per_group(vp_file, tmp_path, c
                           for b in (0, 1)])
     qkv_row = next(r for g, r in rows.items() if g.endswith("qkv"))
     np.testing.assert_allclose(float(qkv_row[4]), qkv.max(), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs two writers cannot corrupt
+# ---------------------------------------------------------------------------------------
+
+
+def _writer(src, out, pth, rounds, barrier, results):
+    """One ``convert SRC --out OUT --to-pytorch PTH`` per round, at the same moment as the
+    other writer."""
+    import contextlib
+    import io
+
+    from deepvit_jax.convert.__main__ import main
+
+    for r in range(rounds):
+        barrier.wait()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main([src, "--out", out, "--to-pytorch", pth])
+        results.put((r, rc, err.getvalue()))
+        barrier.wait()  # both done: the test checks and clears the outputs
+
+
+def test_two_concurrent_writers_of_one_output_have_one_winner(vp_file, tmp_path):
+    """Before: both printed "wrote" and exited 0 and the directory held a mix that would
+    not load, or one hung on an Orbax lock. Now, in every round, exactly one writer exits 0
+    with a complete, loadable output; the other exits 3 at once with one line."""
+    from deepvit_jax.convert.pytorch import load_state_dict
+    from deepvit_jax.model_dir import load_model, model_arrays
+
+    path, sd = vp_file
+    out, pth = tmp_path / "model", tmp_path / "model.pth"
+    rounds = 3
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(path), str(out), str(pth), rounds,
+                                               barrier, results), daemon=True)
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    want = {k: v.numpy() for k, v in sd.items()}
+    try:
+        for r in range(rounds):
+            barrier.wait(timeout=300)
+            got = sorted((results.get(timeout=300) for _ in range(2)), key=lambda x: x[1])
+            codes = [rc for _, rc, _ in got]
+            assert codes == [0, 3], (r, got)
+            lost = got[1][2].strip().splitlines()
+            assert len(lost) == 1 and "is being written by another command" in lost[0], lost
+            assert lost[0].startswith("error: ") and "lock" in lost[0]
+            loaded = load_model(out)  # complete and loadable
+            assert len(model_arrays(loaded)) == len(want)
+            back = load_state_dict(pth)
+            assert set(back) == set(want)
+            for k, v in want.items():
+                np.testing.assert_array_equal(back[k], v, err_msg=k)
+            left = sorted(p.name for p in tmp_path.iterdir())
+            assert left == ["model", "model.pth"], left  # no lock, no temporary copy
+            import shutil
+
+            shutil.rmtree(out)
+            pth.unlink()
+            barrier.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+
+
+def test_temporary_names_are_marked_and_only_ours_are_removed(vp_file, tmp_path, capsys):
+    """Before: ``export --out X`` deleted a user's own ``X.partial/``. Now temporary names
+    are ``NAME.deepvit-partial-<12 hex>``: a user's files are never touched, copies left by
+    a killed writer (that exact pattern) are removed, and a failed write leaves nothing."""
+    from deepvit_jax.utils import as_path, atomic_output, claim_output, partial_name
+
+    path, _ = vp_file
+    out = tmp_path / "m"
+    (tmp_path / "m.partial").mkdir()
+    (tmp_path / "m.partial" / "mine.txt").write_text("the user's")
+    (tmp_path / "m.deepvit-partial-notes").write_text("the user's too")  # not our pattern
+    killed = tmp_path / "m.deepvit-partial-0123456789ab"  # left by a writer killed -9
+    (killed / "state").mkdir(parents=True)
+    rc, err = _convert([path, "--out", out], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "m.partial" / "mine.txt").read_text() == "the user's"
+    assert (tmp_path / "m.deepvit-partial-notes").read_text() == "the user's too"
+    assert not killed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m", "m.deepvit-partial-notes", "m.partial"]
+
+    # the name keeps the extension (writers pick a format by it); a failure removes it
+    target = tmp_path / "w.safetensors"
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        assert os.path.basename(tmp).startswith("w.deepvit-partial-")
+        assert tmp.endswith(".safetensors")
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("cut")
+    assert not target.exists() and not list(tmp_path.glob("w.*"))
+    with claim_output(target) as token:
+        assert len(token) == 12
+        assert partial_name(as_path(target), token).name == \
+            f"w.deepvit-partial-{token}.safetensors"
