@@ -14,6 +14,7 @@ loop's ``init_from``), ``python -m deepvit_jax.predict`` and the PyTorch convert
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepvit_jax.errors import ModelFileError
+from deepvit_jax.errors import DeepViTError, ModelFileError, StorageError, storage_problem
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
-from deepvit_jax.utils import as_path, atomic_output, claim_output, path_str
+from deepvit_jax.utils import as_path, atomic_output, claim_output, is_local, path_str
 
 FORMAT = "deepvit-jax-model"
 VERSION = 1
@@ -188,16 +189,61 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
     primary = jax.process_index() == 0
     with claim_output(path, primary=primary, collective=True):  # checked under the claim
         check_replaceable(path, overwrite=overwrite)
-        with atomic_output(path, primary=primary, collective=True) as tmp:
-            tmp = as_path(tmp)
-            ckptr = _checkpointer()
-            ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
-            ckptr.wait_until_finished()
-            if primary:
-                with (tmp / CONFIG_FILE).open("w") as f:
-                    json.dump({"format": FORMAT, "version": VERSION,
-                               "config": cfg.to_dict()}, f, indent=2)
+        try:
+            with atomic_output(path, primary=primary, collective=True) as tmp:
+                _write(model, cfg, as_path(tmp), primary)
+        except Exception as e:
+            problem = storage_problem(e)
+            if problem is None or isinstance(e, DeepViTError):
+                raise
+            raise StorageError(f"{problem} writing {path}: nothing was written; free space, "
+                               "raise the quota or fix the permissions (or choose another "
+                               "path), then run the same command again") from e
     return os.fspath(path)
+
+
+def _write(model: DeepViT, cfg: ModelConfig, tmp, primary: bool) -> None:
+    ckptr = _checkpointer()
+    try:
+        ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
+        ckptr.wait_until_finished()
+    except Exception:
+        _settle_after_failure(tmp)
+        raise
+    if primary:
+        with (tmp / CONFIG_FILE).open("w") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
+                      indent=2)
+
+
+def _settle_after_failure(tmp, quiet_s: float = 0.3, limit_s: float = 3.0) -> None:
+    """After a failed Orbax save (a full disk): its other TensorStore writes, already
+    started, still run for a moment and would recreate files under ``tmp`` after
+    atomic_output removed it. Wait (at most ``limit_s``) until nothing under ``tmp``
+    changed for ``quiet_s``. (Closing the checkpointer or Orbax's synchronous checkpointer
+    instead print "Event loop is closed" tracebacks from those writes' callbacks.)"""
+    import time
+
+    if not is_local(tmp):
+        return
+    start, last, seen = time.monotonic(), time.monotonic(), None
+    while time.monotonic() - start < limit_s:
+        now = _tree_state(os.fspath(tmp))
+        if now != seen:
+            seen, last = now, time.monotonic()
+        elif time.monotonic() - last >= quiet_s:
+            return
+        time.sleep(0.05)
+
+
+def _tree_state(root: str) -> tuple:
+    out = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(d, f))
+                out.append((d, f, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
 
 
 def _not_a_model_dir(path) -> str:

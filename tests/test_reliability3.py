@@ -219,3 +219,50 @@ def test_temporary_names_are_marked_and_only_ours_are_removed(vp_file, tmp_path,
         assert len(token) == 12
         assert partial_name(as_path(target), token).name == \
             f"w.deepvit-partial-{token}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------
+# A full disk while writing an output: one line, exit 4, nothing left
+# ---------------------------------------------------------------------------------------
+
+FULL_DISK_CONVERT = """
+set -u
+mount -t tmpfs -o size=64k tmpfs "$WD"
+python - "$@" <<'PY'
+import sys
+from deepvit_jax.convert.__main__ import main
+src, wd = sys.argv[1:3]
+for flag, out in (("--to-pytorch", "x.pth"), ("--to-pytorch", "x.safetensors"), ("--out", "m")):
+    print(f"rc {main([src, flag, f'{wd}/{out}'])}", flush=True)
+    print(f"rc-line", file=sys.stderr, flush=True)
+PY
+ls -A "$WD"   # nothing may be left: stdout must hold only the exit statuses
+"""
+
+
+def test_full_disk_while_converting_exits_4_with_one_line(vp_file, tmp_path):
+    """Before: a traceback (--to-pytorch, torch's "enforce fail ... unexpected pos") and
+    exit 2 (--out). Now: exit 4, one line naming the output and the fix, nothing left."""
+    import subprocess
+    import sys
+
+    from test_reliability2 import _can_mount_tmpfs
+
+    if not _can_mount_tmpfs():
+        pytest.skip("unprivileged user + mount namespaces are not available (unshare)")
+    path, _ = vp_file
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c",
+                        FULL_DISK_CONVERT, "full_disk", str(path), str(wd)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WD": str(wd), "PATH": os.path.dirname(sys.executable)
+                            + os.pathsep + os.environ.get("PATH", "")})
+    assert r.stdout.split() == ["rc", "4", "rc", "4", "rc", "4"], (r.stdout, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    blocks = r.stderr.split("rc-line\n")[:3]
+    for block, out in zip(blocks, ("x.pth", "x.safetensors", "m"), strict=True):
+        errors = [ln for ln in block.splitlines() if ln.startswith("error")]
+        assert len(errors) == 1, block
+        assert errors[0].startswith("error: no space left on the device") and \
+            f"{wd}/{out}" in errors[0] and "free space" in errors[0], errors

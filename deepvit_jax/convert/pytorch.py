@@ -709,10 +709,15 @@ def save_pytorch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> str:
         buf = io.BytesIO()
         _torch().save(dict(state_dict), buf)
         data = buf.getvalue()
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e  # named in the one-line error
     return path
 
 
