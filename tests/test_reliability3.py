@@ -266,3 +266,109 @@ def test_full_disk_while_converting_exits_4_with_one_line(vp_file, tmp_path):
         assert len(errors) == 1, block
         assert errors[0].startswith("error: no space left on the device") and \
             f"{wd}/{out}" in errors[0] and "free space" in errors[0], errors
+
+
+# ---------------------------------------------------------------------------------------
+# Nothing the user made replaced silently; config values checked for meaning
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny(data_dir, **top):
+    from test_reliability import _tiny as tiny
+
+    return tiny(data_dir, **top)
+
+
+def test_workdir_with_another_runs_files_is_refused(tmp_path, data_dir):
+    """Before: a workdir holding another run's metrics.jsonl but no checkpoint had that
+    file replaced by a fresh start. Now it is refused (exit 2) naming the files, unless
+    config.overwrite; a run's own files (the same config, killed before its first
+    checkpoint) are replaced as before, so the same command still restarts it."""
+    import json
+
+    from deepvit_jax.errors import ConfigError
+    from deepvit_jax.train import config as config_lib
+    from deepvit_jax.train.loop import setup
+    from deepvit_jax.workdir import RUN_CONFIG, check_fresh_workdir
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    theirs = '{"step": 1, "train/loss": 2.5}\n'
+    (wd / "metrics.jsonl").write_text(theirs)
+    (wd / "tensorboard").mkdir()
+    with pytest.raises(ConfigError) as e:
+        setup(_tiny(data_dir, total_steps=2), str(wd))
+    msg = str(e.value)
+    assert f"--workdir {wd} holds another run's files (metrics.jsonl, tensorboard/)" in msg
+    assert "--config.overwrite=True" in msg and "\n" not in msg
+    assert (wd / "metrics.jsonl").read_text() == theirs and not (wd / RUN_CONFIG).exists()
+
+    # --config.overwrite=True: started over, this run's config recorded
+    c = _tiny(data_dir, total_steps=2, overwrite=True)
+    cfg = json.loads(c.to_json_best_effort())
+    allowed = config_lib.RESUMABLE_FIELDS
+    check_fresh_workdir(wd, cfg, overwrite=True, allowed=allowed)
+    assert json.loads((wd / RUN_CONFIG).read_text()) == cfg
+
+    # this run's own files (same config, no checkpoint yet): allowed; a changed config
+    # (another run) is refused again
+    check_fresh_workdir(wd, dict(cfg, overwrite=False, total_steps=5), overwrite=False,
+                        allowed=allowed)
+    other = dict(cfg, seed=cfg["seed"] + 1)
+    with pytest.raises(ConfigError, match=r"holds another run's files \(metrics.jsonl"):
+        check_fresh_workdir(wd, other, overwrite=False, allowed=allowed)
+    # an empty metrics.jsonl and no tensorboard/: nothing to lose
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    (empty / "train.log").write_text("x")
+    check_fresh_workdir(empty, other, overwrite=False, allowed=allowed)
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("optim__learning_rate", -1e-3, "config.optim.learning_rate=-0.001: must be > 0"),
+    ("optim__learning_rate", 0.0, "config.optim.learning_rate=0.0: must be > 0"),
+    ("optim__eps", 0.0, "config.optim.eps=0.0: must be > 0"),
+    ("optim__min_lr", -1e-5, "config.optim.min_lr=-1e-05: must be >= 0"),
+    ("optim__b2", 1.0, "config.optim.b2=1.0: must be in [0, 1)"),
+    ("batch_size", 0, "config.batch_size=0: must be a positive integer"),
+    ("eval__every_steps", -5, "config.eval.every_steps=-5: must be a positive integer"),
+])
+def test_config_values_are_checked_for_meaning(data_dir, field, value, want):
+    """Before: a negative learning rate trained (to loss 12884). Now every value no recipe
+    can mean is one line naming the field, exit 2, before anything is built."""
+    from deepvit_jax import cli
+    from deepvit_jax.train import config as config_lib
+
+    def body():
+        config_lib.validate(_tiny(data_dir, **{field: value}))
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.run_cli(body) == 2
+    assert err.getvalue() == f"error: {want}\n"
+
+
+def test_one_class_dataset_is_refused(tmp_path):
+    """Before: a one-class image folder trained to loss 0. Now refused (exit 2)."""
+    from PIL import Image
+
+    from deepvit_jax.errors import ConfigError
+    from deepvit_jax.train.loop import setup
+
+    root = tmp_path / "one"
+    for split in ("train", "validation"):
+        (root / split / "cat").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(root / split / "cat" / f"{i}.png")
+    c = _tiny(str(tmp_path / "tfds"), total_steps=1)
+    c.data.dataset = "folder"
+    c.data.folder_path = str(root)
+    from deepvit_jax.data.builders.folder import prepare_folder
+
+    prepare_folder(root, c.data.data_dir)
+    with pytest.raises(ConfigError, match=r"has 1 class\(es\); a classifier needs at least 2"):
+        setup(c, str(tmp_path / "wd"))
