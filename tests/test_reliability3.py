@@ -21,6 +21,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_predict import model_dir  # noqa: E402,F401  (a small 1000-class model directory)
+
 
 # ---------------------------------------------------------------------------------------
 # Conversions that check what they write
@@ -372,3 +374,120 @@ def test_one_class_dataset_is_refused(tmp_path):
     prepare_folder(root, c.data.data_dir)
     with pytest.raises(ConfigError, match=r"has 1 class\(es\); a classifier needs at least 2"):
         setup(c, str(tmp_path / "wd"))
+
+
+# ---------------------------------------------------------------------------------------
+# Image inputs with a pixel limit
+# ---------------------------------------------------------------------------------------
+
+
+def bomb_png(path, width: int, height: int) -> None:
+    """A valid grey PNG of ``width`` x ``height`` zero pixels, written row by row (a
+    20000 x 20000 one is ~400 KB on disk and 400 MB decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + the row
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                   8, 0, 0, 0, 0))
+                + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_before_decoding(model_dir, tmp_path, capsys,  # noqa: F811
+                                                       monkeypatch):
+    """Before: predict on a 388 KB 20000x20000 PNG reached 13.8 GB. Now the header is read
+    first and the image refused (one line, exit 2) without decoding it; --max-pixels
+    raises the limit (or lowers it)."""
+    from PIL import Image
+
+    from deepvit_jax import predict
+    from deepvit_jax.data import preprocess
+
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb, 20000, 20000)
+    assert bomb.stat().st_size < 1_000_000
+    decoded = []
+    real_decode = preprocess.decode_image
+
+    def spy(encoded):
+        decoded.append(1)
+        return real_decode(encoded)
+
+    monkeypatch.setattr(predict, "decode_image", spy)
+    assert predict.main(["--checkpoint", str(model_dir), str(bomb)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not decoded
+    assert captured.err == (f"error: {bomb}: 20000x20000 = 400,000,000 pixels is above the "
+                            "limit of 89,478,485 (a decompression bomb?); if you trust the "
+                            "file, pass --max-pixels 400000000 (0 = no limit)\n")
+    # an ordinary image under a lowered limit: refused the same way; under the default: read
+    cat = tmp_path / "cat.png"
+    Image.fromarray(np.full((60, 50, 3), 128, np.uint8)).save(cat)
+    assert predict.main(["--checkpoint", str(model_dir), str(cat), "--max-pixels",
+                         "2999"]) == 2
+    assert "50x60 = 3,000 pixels is above the limit of 2,999" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(model_dir), str(cat), "--max-pixels",
+                         "3000"]) == 0
+    assert decoded == [1] and "1." in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
+# prepare: an evaluation split for a train-only folder; bombs skipped
+# ---------------------------------------------------------------------------------------
+
+
+def test_prepare_val_fraction_for_a_train_only_folder(tmp_path, capsys):
+    """Before: prepare of a train-only folder succeeded, then training exited 2 asking for
+    a field prepare does not offer. Now prepare says how (--val-fraction), and
+    --val-fraction F holds out F of each class, chosen by a hash of each path."""
+    import hashlib
+
+    from PIL import Image
+
+    from deepvit_jax.data.__main__ import main
+
+    root = tmp_path / "pets"
+    files = {}
+    for c, cls in enumerate(("cat", "dog")):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(5):
+            rel = f"train/{cls}/{i}.png"
+            Image.new("RGB", (8, 8), (c * 100, i * 40, 0)).save(root / rel)
+            files.setdefault(cls, []).append(rel)
+    bomb_png(root / "train" / "cat" / "bomb.png", 10000, 9000)  # 90 M pixels: skipped
+    data_dir = tmp_path / "tfds"
+    assert main(["prepare", "folder", "--folder", str(root), "--data-dir",
+                 str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction 0.1" in err.strip().splitlines()[-1], err
+    assert "bomb.png: 10000x9000 = 90,000,000 pixels is above the limit" in err
+
+    assert main(["prepare", "folder", "--folder", str(root), "--data-dir", str(data_dir),
+                 "--val-fraction", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, train=6, validation=4" in out, out
+    import tensorflow_datasets as tfds
+
+    from deepvit_jax.data.builders.folder import prepared_dir
+
+    builder = tfds.builder_from_directory(str(prepared_dir(root, data_dir)))
+    got = sorted(ex["file_name"].decode() for ex in
+                 tfds.as_numpy(builder.as_dataset(split="validation")))
+    files["cat"].append("train/cat/bomb.png")  # ranked with the others, skipped when read
+    want = sorted(rel for cls in files for rel in sorted(
+        files[cls], key=lambda r: hashlib.sha256(r.encode()).hexdigest())[:2]
+        if not rel.endswith("bomb.png"))
+    assert got == want
+    # a folder that has a validation split: --val-fraction is refused, one line
+    (root / "validation" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "validation" / "cat" / "v.png")
+    assert main(["prepare", "folder", "--folder", str(root), "--data-dir", str(data_dir),
+                 "--val-fraction", "0.4"]) == 2
+    assert "already has the evaluation split 'validation'" in capsys.readouterr().err
