@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="K",
+    p.add_argument("--bn-recalibrate", type=cli.non_negative_int, default=0, metavar="K",
                    help="store BatchNorm statistics re-estimated on K training batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cli.add_distributed_flags(p)

@@ -491,3 +491,26 @@ def test_prepare_val_fraction_for_a_train_only_folder(tmp_path, capsys):
     assert main(["prepare", "folder", "--folder", str(root), "--data-dir", str(data_dir),
                  "--val-fraction", "0.4"]) == 2
     assert "already has the evaluation split 'validation'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("evaluate", ["--checkpoint", "x", "--batch-size", "0"]),
+    ("evaluate", ["--checkpoint", "x", "--batch-size", "-5"]),
+    ("evaluate", ["--checkpoint", "x", "--bn-recalibrate", "-1"]),
+    ("export", ["--checkpoint", "x", "--out", "y", "--bn-recalibrate", "-2"]),
+    ("analysis", ["x", "--out", "y", "--num-images", "0"]),
+    ("analysis", ["x", "--out", "y", "--batch-size", "-1"]),
+])
+def test_flags_where_zero_means_nothing_are_refused(module, argv, capsys):
+    """Before: evaluate --batch-size 0 was ignored and -5 gave a traceback. Now a flag
+    value that means nothing is refused by the parser (exit 2), naming the flag."""
+    import importlib
+
+    main = importlib.import_module(f"deepvit_jax.{module}" + (".__main__" if module ==
+                                                             "analysis" else "")).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    flag = argv[-2]
+    assert f"argument {flag}: '{argv[-1]}': must be" in err and "Traceback" not in err, err

@@ -57,18 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", help="comma-separated names for the checkpoints in the "
                                     "figures")
     p.add_argument("--ema", action="store_true", help="the EMA weights of training runs")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=cli.positive_int, default=64)
     p.add_argument("--dataset", help="dataset (default: the run's; required for model "
                                      "directories)")
     p.add_argument("--split")
     p.add_argument("--data-dir")
-    p.add_argument("--k", type=int, default=1, help="similarity to the next K blocks")
+    p.add_argument("--k", type=cli.positive_int, default=1, help="similarity to the next K blocks")
     p.add_argument("--threshold", type=float, default=sim.DEFAULT_THRESHOLD,
                    help="similar-block threshold")
     p.add_argument("--blocks", type=cli.int_list, help="blocks whose maps to draw (default: first, "
                                                 "middle, last)")
     p.add_argument("--image", type=int, default=0, help="which image to draw the maps over")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--center", action="store_true",
                    help="centre each column before the cosine (correlation; a control for "
                         "comparing softmax maps with Re-attention's normalised maps)")
