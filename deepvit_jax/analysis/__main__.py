@@ -19,7 +19,9 @@ Each ``--checkpoint PATH`` (repeat it for several) is a model directory, a train
 * ``attention-<label>.png``: the class token's attention of ``--blocks`` over image
   ``--image`` (head-averaged and per head).
 
-Exit status: 0 done, 2 bad input.
+``--out`` is claimed for the whole run (a second command writing it exits 3); each file is
+written under a temporary name and renamed. Exit status: 0 done, 2 bad input, 3 ``--out``
+in use, 4 disk full / I/O error.
 """
 
 from __future__ import annotations
@@ -74,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
                         "comparing softmax maps with Re-attention's normalised maps)")
     args = p.parse_args(argv)
     cli.setup_console(args.verbose, library_warnings=False)
-    return cli.run_cli(lambda: _run(args), input_errors=(ValueError,))
+    return cli.run_cli(lambda: _claimed(args), input_errors=(ValueError,))
+
+
+def _claimed(args) -> None:
+    """``--out`` is claimed for the whole run: a second analysis writing it exits 3."""
+    from deepvit_jax.utils import claim_output
+
+    with claim_output(cli.check_output(args.out, args.checkpoint, flag="--out")):
+        _run(args)
 
 
 def _run(args) -> None:
