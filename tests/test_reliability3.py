@@ -335,8 +335,7 @@ def test_workdir_with_another_runs_files_is_refused(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("field,value,want", [
-    ("optim__learning_rate", -1e-3, "config.optim.learning_rate=-0.001: must be > 0"),
-    ("optim__learning_rate", 0.0, "config.optim.learning_rate=0.0: must be > 0"),
+    ("optim__learning_rate", -1e-3, "config.optim.learning_rate=-0.001: must be >= 0"),
     ("optim__eps", 0.0, "config.optim.eps=0.0: must be > 0"),
     ("optim__min_lr", -1e-5, "config.optim.min_lr=-1e-05: must be >= 0"),
     ("optim__b2", 1.0, "config.optim.b2=1.0: must be in [0, 1)"),

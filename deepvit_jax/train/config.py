@@ -204,9 +204,10 @@ def validate(config) -> None:
                           f"{config.eval.bn_recalibration_batches!r}: must be an integer "
                           f"(0 = off)")
     # Values no recipe can mean: a negative learning rate ascends the loss (it trained to
-    # loss 12884), eps 0 divides by zero, b1 / b2 of 1 never forget.
-    _positive(config, "optim.learning_rate", "optim.eps")
-    _non_negative(config, "optim.warmup_lr", "optim.min_lr")
+    # loss 12884), eps 0 divides by zero, b1 / b2 of 1 never forget. A learning rate of 0
+    # is kept: it freezes the weights (the tests of init_from and export rely on it).
+    _positive(config, "optim.eps")
+    _non_negative(config, "optim.learning_rate", "optim.warmup_lr", "optim.min_lr")
     for f in ("optim.b1", "optim.b2"):
         value = _get(config, f)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
