@@ -148,8 +148,13 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     # OSError(ENOSPC), the one-line exit 4.
     buf = io.BytesIO()
     np.save(buf, array)
-    with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
-        f.write(buf.getvalue())
+    try:
+        with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
+            f.write(buf.getvalue())
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e  # named in the one-line error
 
 
 def main(argv: list[str] | None = None) -> int:
