@@ -189,9 +189,12 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
     primary = jax.process_index() == 0
     with claim_output(path, primary=primary, collective=True):  # checked under the claim
         check_replaceable(path, overwrite=overwrite)
+        state = nnx.state(model, WEIGHTS)
+        if primary:
+            _check_space(path, state)
         try:
             with atomic_output(path, primary=primary, collective=True) as tmp:
-                _write(model, cfg, as_path(tmp), primary)
+                _write(state, cfg, as_path(tmp), primary)
         except Exception as e:
             problem = storage_problem(e)
             if problem is None or isinstance(e, DeepViTError):
@@ -202,10 +205,36 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
     return os.fspath(path)
 
 
-def _write(model: DeepViT, cfg: ModelConfig, tmp, primary: bool) -> None:
+def _check_space(path, state) -> None:
+    """Refuse (StorageError, exit 4) before anything is written when the local filesystem
+    of ``path`` has less free space than the weights need: Orbax's failed writes on a full
+    disk go on in TensorStore's threads after the save has failed, and their callbacks then
+    print "Event loop is closed" tracebacks. (A disk that fills during the write is still
+    caught below, as every storage failure is.)"""
+    import shutil
+
+    if not is_local(path):
+        return
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state)) * 11 // 10 + (256 << 10)
+    parent = os.fspath(path)
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    try:
+        free = shutil.disk_usage(parent or ".").free
+    except OSError:
+        return
+    if free < need:
+        raise StorageError(f"no space left on the device writing {path}: the model needs "
+                           f"about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are "
+                           "free; free space (or choose another path), then run the same "
+                           "command again")
+
+
+def _write(state, cfg: ModelConfig, tmp, primary: bool) -> None:
     ckptr = _checkpointer()
     try:
-        ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
+        ckptr.save(tmp / STATE_DIR, state)
         ckptr.wait_until_finished()
     except Exception:
         _settle_after_failure(tmp)

@@ -240,18 +240,33 @@ mount -t tmpfs -o size=64k tmpfs "$WD"
 python - "$@" <<'PY'
 import sys
 from deepvit_jax.convert.__main__ import main
-src, wd = sys.argv[1:3]
+src, wd, model, image = sys.argv[1:5]
 for flag, out in (("--to-pytorch", "x.pth"), ("--to-pytorch", "x.safetensors"), ("--out", "m")):
     print(f"rc {main([src, flag, f'{wd}/{out}'])}", flush=True)
     print(f"rc-line", file=sys.stderr, flush=True)
+from deepvit_jax import predict
+try:  # fill the disk: the logits (4 KB) no longer fit
+    with open(f"{wd}/filler", "wb") as f:
+        f.write(bytes(1 << 20))
+except OSError:
+    pass
+print(f"rc {predict.main(['--checkpoint', model, image, '--output', f'{wd}/l.npy'])}",
+      flush=True)
+print(f"rc-line", file=sys.stderr, flush=True)
+import os
+os.remove(f"{wd}/filler")
 PY
 ls -A "$WD"   # nothing may be left: stdout must hold only the exit statuses
 """
 
 
-def test_full_disk_while_converting_exits_4_with_one_line(vp_file, tmp_path):
-    """Before: a traceback (--to-pytorch, torch's "enforce fail ... unexpected pos") and
-    exit 2 (--out). Now: exit 4, one line naming the output and the fix, nothing left."""
+def test_full_disk_while_writing_outputs_exits_4_with_one_line(vp_file, model_dir,  # noqa: F811
+                                                               tmp_path):
+    """Before: a traceback (convert --to-pytorch, torch's "enforce fail ... unexpected
+    pos") and exit 2 (convert --out). Now: exit 4, one line naming the output and the fix,
+    nothing left; predict --output too."""
+    from PIL import Image
+
     import subprocess
     import sys
 
@@ -262,15 +277,18 @@ def test_full_disk_while_converting_exits_4_with_one_line(vp_file, tmp_path):
     path, _ = vp_file
     wd = tmp_path / "wd"
     wd.mkdir()
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(image)
     r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c",
-                        FULL_DISK_CONVERT, "full_disk", str(path), str(wd)],
+                        FULL_DISK_CONVERT, "full_disk", str(path), str(wd), str(model_dir),
+                        str(image)],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "WD": str(wd), "PATH": os.path.dirname(sys.executable)
                             + os.pathsep + os.environ.get("PATH", "")})
-    assert r.stdout.split() == ["rc", "4", "rc", "4", "rc", "4"], (r.stdout, r.stderr[-3000:])
+    assert r.stdout.split() == ["rc", "4"] * 4, (r.stdout, r.stderr[-3000:])
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    blocks = r.stderr.split("rc-line\n")[:3]
-    for block, out in zip(blocks, ("x.pth", "x.safetensors", "m"), strict=True):
+    blocks = r.stderr.split("rc-line\n")[:4]
+    for block, out in zip(blocks, ("x.pth", "x.safetensors", "m", "l.npy"), strict=True):
         errors = [ln for ln in block.splitlines() if ln.startswith("error")]
         assert len(errors) == 1, block
         assert errors[0].startswith("error: no space left on the device") and \
