@@ -695,9 +695,9 @@ def save_pytorch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> str:
     through a temporary file renamed into place (``utils.atomic_output``: claimed first).
 
     The file is serialised in memory and written by Python: torch's own file writer
-    reports a full disk as ``enforce fail ... unexpected pos`` (no errno), and
-    safetensors' can lose the error altogether; Python's write raises ``OSError(ENOSPC)``,
-    the one-line exit 4 of every command."""
+    reports a full disk as ``enforce fail ... unexpected pos`` (no errno), safetensors' as
+    its own error type; Python's write raises ``OSError(ENOSPC)`` with the file named, the
+    one-line exit 4 of every command."""
     import io
 
     path = os.path.abspath(os.fspath(path))
