@@ -131,6 +131,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]

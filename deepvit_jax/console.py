@@ -18,7 +18,7 @@ import threading
 
 import tqdm
 
-from deepvit_jax.errors import one_line
+from deepvit_jax.errors import one_line, storage_problem
 from deepvit_jax.utils import as_path, is_local
 
 # Libraries that log every checkpoint / dataset / compile step at INFO.
@@ -34,8 +34,19 @@ def _not_a_duplicate(record: logging.LogRecord) -> bool:
     """asyncio's "exception was never retrieved" about a failed background write (Orbax's
     async save): the same failure is raised where the run waits for the save and is
     reported as the command's one error line; this echo of it comes later, at garbage
-    collection, and would otherwise be the last line on the console. It stays in train.log."""
-    return not (record.name == "asyncio" and "exception was never retrieved" in str(record.msg))
+    collection, and would otherwise be the last line on the console. Orbax's own error
+    records of a storage failure in its background save threads (a full disk) are the same
+    failure, raised where the command waits for the save: also dropped. Both stay in
+    train.log."""
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+        return False
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+        exc = record.exc_info[1] if record.exc_info else None
+        if storage_problem(exc) or storage_problem(RuntimeError(record.getMessage())):
+            return False
+        if "background save thread" in record.getMessage():  # its summary of the same
+            return False
+    return True
 
 
 class _ConsoleHandler(logging.StreamHandler):

@@ -10,7 +10,7 @@ status of :func:`exit_code`:
 0     done (or preempted: a checkpoint was saved, run the same command again to resume)
 1     training stopped on a NaN/inf loss or non-finite parameters
 2     bad config or input (a config field, a file, a folder, a dataset)
-3     the workdir is in use by another run (its lock file is named)
+3     the workdir, or an output, is in use by another command (its lock file is named)
 4     an I/O error (disk full, permission denied, storage unreachable)
 130   interrupted twice (SIGINT / SIGTERM again while saving): nothing more was saved
 ====  ===================================================================================
@@ -49,6 +49,12 @@ class InputError(DeepViTError, ValueError):
 
 class WorkdirLockedError(DeepViTError):
     """Another run holds the workdir's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class OutputInUseError(DeepViTError):
+    """Another command is writing the same output file or directory (its lock is named)."""
 
     exit_code = EXIT_LOCKED
 

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", help="split to evaluate (default: the run's eval split, else "
                                    "'validation' if the dataset has one, else 'test')")
     p.add_argument("--data-dir", help="TFDS data directory")
-    p.add_argument("--batch-size", type=int, help="global eval batch (default: the run's, or "
-                                                  "64 for a model directory)")
-    p.add_argument("--bn-recalibrate", type=int, metavar="K",
+    p.add_argument("--batch-size", type=cli.positive_int,
+                   help="global eval batch (default: the run's, or 64 for a model directory)")
+    p.add_argument("--bn-recalibrate", type=cli.non_negative_int, metavar="K",
                    help="re-estimate BatchNorm statistics on K training batches first "
                         "(default: the run's eval.bn_recalibration_batches, or 0)")
     p.add_argument("--output", help="JSON file for the results (default: "

@@ -15,13 +15,16 @@ batches of the run (its augmentation, batch size and seed, as its evaluation doe
 stores those, so the exported model scores what the run's evaluation reported. Without it
 the running statistics are exported as they are.
 
-The directory is written under a temporary name and renamed at the end; an existing
-``--out`` is refused (``--overwrite`` replaces it), and so is an output inside the input.
+``--out`` is claimed before anything is read (a second export to it exits 3 at once),
+written under a temporary name (``NAME.deepvit-partial-<token>``) and renamed at the end; an
+existing ``--out`` is refused (``--overwrite`` replaces a model directory), and so is an
+output inside the input.
 
 Python API: :func:`export(checkpoint, out, step=None, ema=False, bn_recalibrate=0) <export>`
 -> the absolute path written.
 
-Exit status: 0 done, 2 bad input (a message naming the file or option and the fix).
+Exit status: 0 done, 2 bad input (a message naming the file or option and the fix), 3
+``--out`` is being written by another command, 4 disk full / I/O error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from deepvit_jax import cli
 from deepvit_jax.errors import CheckpointError, ConfigError
 from deepvit_jax.model_dir import save_model
 from deepvit_jax.saved_run import eval_config, load_checkpoint, saved_run_evaluator
+from deepvit_jax.utils import claim_output
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,16 @@ def export(checkpoint: str, out: str, *, step: int | None = None, ema: bool = Fa
     ``step``; or ``WORKDIR/checkpoints/N``) to the model directory ``out``; returns its
     absolute path."""
     out = cli.check_output(out, [checkpoint], flag="--out")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; choose another path or pass "
-                              f"--overwrite to replace it")
+    # Claimed before the checkpoint is read: a second export to the same --out fails at
+    # once (exit 3) instead of writing beside this one; checked again under the claim.
+    with claim_output(out, primary=jax.process_index() == 0, collective=True):
+        if os.path.exists(out) and not overwrite:
+            raise FileExistsError(f"--out {out} already exists; choose another path or pass "
+                                  f"--overwrite to replace it")
+        return _export(checkpoint, out, step, ema, bn_recalibrate, overwrite)
+
+
+def _export(checkpoint, out, step, ema, bn_recalibrate, overwrite) -> str:
     loaded = load_checkpoint(checkpoint, step)
     if loaded.source.kind != "training":
         raise CheckpointError(f"{loaded.source.path} is already a model directory; export "
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="K",
+    p.add_argument("--bn-recalibrate", type=cli.non_negative_int, default=0, metavar="K",
                    help="store BatchNorm statistics re-estimated on K training batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cli.add_distributed_flags(p)

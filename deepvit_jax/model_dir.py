@@ -14,6 +14,7 @@ loop's ``init_from``), ``python -m deepvit_jax.predict`` and the PyTorch convert
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepvit_jax.errors import ModelFileError
+from deepvit_jax.errors import DeepViTError, ModelFileError, StorageError, storage_problem
 from deepvit_jax.models.deepvit import DeepViT, ModelConfig
-from deepvit_jax.utils import as_path, atomic_output, path_str
+from deepvit_jax.utils import as_path, atomic_output, claim_output, is_local, path_str
 
 FORMAT = "deepvit-jax-model"
 VERSION = 1
@@ -174,7 +175,9 @@ def check_replaceable(path: str | os.PathLike, *, overwrite: bool) -> None:
 def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Write ``model`` (weights + BatchNorm statistics + its ModelConfig) to directory ``path``.
 
-    Written to ``path + '.partial'`` first and renamed at the end. Refuses to replace an
+    Claimed first (a concurrent writer of ``path`` fails at once, exit 3), written to a
+    temporary ``NAME.deepvit-partial-<token>`` beside it and renamed at the end
+    (``utils.atomic_output``). Refuses to replace an
     existing ``path`` unless ``overwrite`` and ``path`` is a model directory (never any
     other directory or file). Returns the absolute path (or the URL, e.g. ``gs://...``).
     """
@@ -183,18 +186,93 @@ def save_model(model: DeepViT, path: str | os.PathLike, *, overwrite: bool = Fal
         raise TypeError(f"save_model needs a DeepViT (with a .config ModelConfig), "
                         f"got {type(model).__name__}")
     path = as_path(path)
-    check_replaceable(path, overwrite=overwrite)
     primary = jax.process_index() == 0
-    with atomic_output(path, primary=primary) as tmp:
-        tmp = as_path(tmp)
-        ckptr = _checkpointer()
-        ckptr.save(tmp / STATE_DIR, nnx.state(model, WEIGHTS))
-        ckptr.wait_until_finished()
+    with claim_output(path, primary=primary, collective=True):  # checked under the claim
+        check_replaceable(path, overwrite=overwrite)
+        state = nnx.state(model, WEIGHTS)
         if primary:
-            with (tmp / CONFIG_FILE).open("w") as f:
-                json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
-                          indent=2)
+            _check_space(path, state)
+        try:
+            with atomic_output(path, primary=primary, collective=True) as tmp:
+                _write(state, cfg, as_path(tmp), primary)
+        except Exception as e:
+            problem = storage_problem(e)
+            if problem is None or isinstance(e, DeepViTError):
+                raise
+            raise StorageError(f"{problem} writing {path}: nothing was written; free space, "
+                               "raise the quota or fix the permissions (or choose another "
+                               "path), then run the same command again") from e
     return os.fspath(path)
+
+
+def _check_space(path, state) -> None:
+    """Refuse (StorageError, exit 4) before anything is written when the local filesystem
+    of ``path`` has less free space than the weights need: Orbax's failed writes on a full
+    disk go on in TensorStore's threads after the save has failed, and their callbacks then
+    print "Event loop is closed" tracebacks. (A disk that fills during the write is still
+    caught below, as every storage failure is.)"""
+    import shutil
+
+    if not is_local(path):
+        return
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state)) * 11 // 10 + (256 << 10)
+    parent = os.fspath(path)
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    try:
+        free = shutil.disk_usage(parent or ".").free
+    except OSError:
+        return
+    if free < need:
+        raise StorageError(f"no space left on the device writing {path}: the model needs "
+                           f"about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are "
+                           "free; free space (or choose another path), then run the same "
+                           "command again")
+
+
+def _write(state, cfg: ModelConfig, tmp, primary: bool) -> None:
+    ckptr = _checkpointer()
+    try:
+        ckptr.save(tmp / STATE_DIR, state)
+        ckptr.wait_until_finished()
+    except Exception:
+        _settle_after_failure(tmp)
+        raise
+    if primary:
+        with (tmp / CONFIG_FILE).open("w") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f,
+                      indent=2)
+
+
+def _settle_after_failure(tmp, quiet_s: float = 0.3, limit_s: float = 3.0) -> None:
+    """After a failed Orbax save (a full disk): its other TensorStore writes, already
+    started, still run for a moment and would recreate files under ``tmp`` after
+    atomic_output removed it. Wait (at most ``limit_s``) until nothing under ``tmp``
+    changed for ``quiet_s``. (Closing the checkpointer or Orbax's synchronous checkpointer
+    instead print "Event loop is closed" tracebacks from those writes' callbacks.)"""
+    import time
+
+    if not is_local(tmp):
+        return
+    start, last, seen = time.monotonic(), time.monotonic(), None
+    while time.monotonic() - start < limit_s:
+        now = _tree_state(os.fspath(tmp))
+        if now != seen:
+            seen, last = now, time.monotonic()
+        elif time.monotonic() - last >= quiet_s:
+            return
+        time.sleep(0.05)
+
+
+def _tree_state(root: str) -> tuple:
+    out = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(d, f))
+                out.append((d, f, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
 
 
 def _not_a_model_dir(path) -> str:

@@ -8,10 +8,16 @@ Image files get the official evaluation transform of the model's config
 int(image_size / crop_pct), centre crop, normalise with the config's mean / std; 248 -> 224
 with mean = std = 0.5 for the 224-px models, crop 1.0 at 384 px). A ``.npy`` input is a batch
 of already preprocessed float NHWC images of the model's size.
+
+An image file of more than ``--max-pixels`` pixels (default 89,478,485, PIL's
+decompression-bomb limit) is refused from its header, before it is decoded. ``--output`` is
+claimed first (a second command writing it exits 3) and written under a temporary name
+renamed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -26,10 +32,10 @@ from tqdm import tqdm
 
 from deepvit_jax import cli
 from deepvit_jax.data.pipeline import ImageSpec
-from deepvit_jax.data.preprocess import decode_image
+from deepvit_jax.data.preprocess import DEFAULT_MAX_PIXELS, check_image_pixels, decode_image
 from deepvit_jax.errors import one_line
 from deepvit_jax.model_dir import load_model
-from deepvit_jax.utils import as_path, atomic_output
+from deepvit_jax.utils import as_path, atomic_output, claim_output
 
 CLASSES_FILE = "imagenet_classes.txt"
 
@@ -57,9 +63,12 @@ def class_names(num_classes: int, names_file: str | None = None) -> list[str]:
     return [f"class {i}" for i in range(num_classes)]
 
 
-def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
+def load_inputs(paths: Sequence[str], cfg, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> tuple[np.ndarray, list[str]]:
     """Image files (any format TensorFlow decodes) and/or .npy batches -> float32 NHWC batch
-    of the model's size, with one label per row for printing."""
+    of the model's size, with one label per row for printing. An image file whose header
+    declares more than ``max_pixels`` pixels (default PIL's decompression-bomb limit; 0 /
+    None: no limit) is refused before it is decoded."""
     spec = ImageSpec.of(cfg)
     want = (cfg.image_size, cfg.image_size, 3)
     batches, labels = [], []
@@ -89,8 +98,11 @@ def load_inputs(paths: Sequence[str], cfg) -> tuple[np.ndarray, list[str]]:
             continue
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path}: not an image file (it is empty)")
+        with open(path, "rb") as f:
+            data = f.read()
+        check_image_pixels(data, path, max_pixels)
         try:
-            image = decode_image(tf.io.read_file(path))
+            image = decode_image(tf.constant(data))
         except tf.errors.OpError as e:  # in our words: no TensorFlow graph / op names
             raise ValueError(f"{path}: not an image file that can be decoded (JPEG, PNG, GIF, "
                              f"BMP or WebP): {one_line(e.message)}") from None
@@ -130,8 +142,19 @@ def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
-        np.save(f, array)
+    import io
+
+    # Serialised in memory first (logits are small), then one Python write: a full disk is
+    # OSError(ENOSPC), the one-line exit 4.
+    buf = io.BytesIO()
+    np.save(buf, array)
+    try:
+        with atomic_output(path) as tmp, as_path(tmp).open("wb") as f:
+            f.write(buf.getvalue())
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e  # named in the one-line error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--class-names", help="text file with one class name per line "
                                          "(default: ImageNet names for 1000 classes)")
+    p.add_argument("--max-pixels", type=cli.non_negative_int, default=DEFAULT_MAX_PIXELS,
+                   metavar="N", help="refuse image files of more than N pixels, read from "
+                                     "their header before decoding (default %(default)s, "
+                                     "PIL's decompression-bomb limit; 0: no limit)")
     args = p.parse_args(argv)
     cli.setup_console(args.verbose)
 
@@ -156,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             cli.check_output(args.output, args.inputs, overwrite=args.overwrite,
                              suffix=".npy")
-        model = load_model(args.checkpoint)
-        cfg = model.config
-        names = class_names(cfg.num_classes, args.class_names)
-        images, labels = load_inputs(args.inputs, cfg)
-        logits = predict_logits(model, images, batch_size=args.batch_size, progress=True)
-        if args.output:
-            _save_npy(args.output, logits)
+        with claim_output(args.output) if args.output else contextlib.nullcontext():
+            if args.output:  # again under the claim: another command may have written it
+                cli.check_output(args.output, args.inputs, overwrite=args.overwrite,
+                                 suffix=".npy")
+            model = load_model(args.checkpoint)
+            cfg = model.config
+            names = class_names(cfg.num_classes, args.class_names)
+            images, labels = load_inputs(args.inputs, cfg, max_pixels=args.max_pixels)
+            logits = predict_logits(model, images, batch_size=args.batch_size, progress=True)
+            if args.output:
+                _save_npy(args.output, logits)
         idx, prob = top_k(logits, min(args.top_k, cfg.num_classes))
         for label, ii, pp in zip(labels, idx, prob, strict=True):
             print(f"{label}:")

@@ -6,6 +6,8 @@
       metrics.jsonl  tensorboard/            train.reporting.MetricWriter (METRICS, TENSORBOARD)
       train.log                              the run's log (TRAIN_LOG)
       lock                                   WorkdirLock (LOCK)
+      run_config.json                        the config of the run that made the run files
+                                             (RUN_CONFIG, check_fresh_workdir)
 
 Each checkpoint ``checkpoints/<step>/`` holds three items:
 
@@ -20,7 +22,9 @@ Before anything is restored, the saved config is compared with the current one
 A checkpoint that cannot be read is moved to ``WORKDIR/unreadable_checkpoints/<step>`` and
 the one before it is used (:meth:`Checkpointer.restore_latest`).
 
-:class:`WorkdirLock` keeps a second run off a workdir in use (``WORKDIR/lock``).
+:class:`WorkdirLock` keeps a second run off a workdir in use (``WORKDIR/lock``). A run
+that starts from scratch (no checkpoint) refuses a workdir holding another run's
+``metrics.jsonl`` / ``tensorboard/`` unless ``config.overwrite`` (:func:`check_fresh_workdir`).
 
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when every
 item is complete, so a checkpoint cut short by ``kill -9`` is never listed (and its leftovers
@@ -251,6 +255,62 @@ def check_resume_config(saved_meta: dict, current: dict, allowed, directory, ste
 # --------------------------------------------------------------------------------------
 # The workdir lock
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# A fresh start never replaces another run's files
+# --------------------------------------------------------------------------------------
+
+RUN_FILES = ("metrics.jsonl", "tensorboard", "train.log")
+RUN_CONFIG = "run_config.json"  # the config of the run that made the run files
+
+
+def other_run_files(workdir, config_json: dict, allowed) -> list[str]:
+    """The run files (``metrics.jsonl``, ``tensorboard/``, ``train.log``) in ``workdir``
+    that a fresh start (no checkpoint to resume) would replace and that are not this
+    run's own: [] when there are none, or when ``WORKDIR/run_config.json`` says they were
+    made by the same config (this run, killed before its first checkpoint: the same
+    command starts it again, as always)."""
+    path = as_path(workdir)
+    metrics = path / "metrics.jsonl"
+    if not _exists_nonempty(metrics) and not (path / "tensorboard").exists():
+        return []
+    found = [n + ("/" if n == "tensorboard" else "") for n in RUN_FILES if (path / n).exists()]
+    try:
+        saved = json.loads((path / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return found
+    refused, _ = config_changes(saved, config_json, allowed)
+    return found if refused else []
+
+
+def _exists_nonempty(path: epath.Path) -> bool:
+    try:
+        return path.exists() and path.stat().length > 0
+    except OSError:
+        return False
+
+
+def check_fresh_workdir(workdir, config_json: dict, *, overwrite: bool, allowed) -> None:
+    """Before a run starts from scratch in ``workdir``: refuse (ConfigError, exit 2) when it
+    holds another run's files (naming them) unless ``overwrite``; then record this run's
+    config in ``WORKDIR/run_config.json``. Process 0 looks; every process stops with it."""
+    found = [] if overwrite or jax.process_index() else other_run_files(workdir, config_json,
+                                                                        allowed)
+    message = (f"--workdir {workdir} holds another run's files ({', '.join(found)}) but no "
+               "checkpoint to resume: starting here would replace them. Use another "
+               "--workdir, or pass --config.overwrite=True to start over in this one")
+    if jax.process_count() > 1:
+        parallel.check_processes(config_json, ok=not found, problem=message if found else
+                                 "process 0 found another run's files in the workdir")
+    if found:
+        raise ConfigError(message)
+    if jax.process_index() == 0:
+        from deepvit_jax.utils import atomic_output
+
+        as_path(workdir).mkdir(parents=True, exist_ok=True)
+        with atomic_output(as_path(workdir) / RUN_CONFIG) as tmp, as_path(tmp).open("w") as f:
+            json.dump(config_json, f, indent=1)
 
 
 def _pid_alive(pid: int) -> bool:

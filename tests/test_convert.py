@@ -215,7 +215,7 @@ def test_written_pytorch_files_load_strictly(tmp_path):
         fresh.load_state_dict(sd, strict=True)  # official key set incl. num_batches_tracked
         with torch.no_grad():
             np.testing.assert_allclose(fresh.eval()(x).numpy(), want, atol=1e-5)
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*deepvit-partial*"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_save_load_round_trip(tmp_path):
     want = np.asarray(_fwd(model, _x()))
     path = ck.save_model(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "state"]
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*deepvit-partial*"))
 
     loaded = ck.load_model(path)
     assert loaded.config == model.config

@@ -19,7 +19,9 @@ Each ``--checkpoint PATH`` (repeat it for several) is a model directory, a train
 * ``attention-<label>.png``: the class token's attention of ``--blocks`` over image
   ``--image`` (head-averaged and per head).
 
-Exit status: 0 done, 2 bad input.
+``--out`` is claimed for the whole run (a second command writing it exits 3); each file is
+written under a temporary name and renamed. Exit status: 0 done, 2 bad input, 3 ``--out``
+in use, 4 disk full / I/O error.
 """
 
 from __future__ import annotations
@@ -57,24 +59,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", help="comma-separated names for the checkpoints in the "
                                     "figures")
     p.add_argument("--ema", action="store_true", help="the EMA weights of training runs")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=cli.positive_int, default=64)
     p.add_argument("--dataset", help="dataset (default: the run's; required for model "
                                      "directories)")
     p.add_argument("--split")
     p.add_argument("--data-dir")
-    p.add_argument("--k", type=int, default=1, help="similarity to the next K blocks")
+    p.add_argument("--k", type=cli.positive_int, default=1, help="similarity to the next K blocks")
     p.add_argument("--threshold", type=float, default=sim.DEFAULT_THRESHOLD,
                    help="similar-block threshold")
     p.add_argument("--blocks", type=cli.int_list, help="blocks whose maps to draw (default: first, "
                                                 "middle, last)")
     p.add_argument("--image", type=int, default=0, help="which image to draw the maps over")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--center", action="store_true",
                    help="centre each column before the cosine (correlation; a control for "
                         "comparing softmax maps with Re-attention's normalised maps)")
     args = p.parse_args(argv)
     cli.setup_console(args.verbose, library_warnings=False)
-    return cli.run_cli(lambda: _run(args), input_errors=(ValueError,))
+    return cli.run_cli(lambda: _claimed(args), input_errors=(ValueError,))
+
+
+def _claimed(args) -> None:
+    """``--out`` is claimed for the whole run: a second analysis writing it exits 3."""
+    from deepvit_jax.utils import claim_output
+
+    with claim_output(cli.check_output(args.out, args.checkpoint, flag="--out")):
+        _run(args)
 
 
 def _run(args) -> None:

@@ -14,20 +14,30 @@ Examples:
       --reattn-blocks 6-11 --out ckpt/deit_s_reattn
   # a JAX model directory -> PyTorch (official key layout), .pth or .safetensors
   python -m deepvit_jax.convert ckpt/deepvit_s --to-pytorch deepvit_s.safetensors
+
+What is written is checked: integer / boolean tensors where weights belong and NaN / inf
+weights are refused (--allow-nonfinite keeps the latter), and a table of dtypes and value
+ranges per group of tensors is printed. Each output is claimed first (a second command
+writing the same --out / --to-pytorch exits 3 at once) and written under a temporary name
+(NAME.deepvit-partial-<token>) renamed at the end. Exit status: 0 done, 2 bad input,
+3 output in use, 4 disk full / I/O error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 from deepvit_jax import cli
-from deepvit_jax.convert.pytorch import from_pytorch, save_pytorch, to_pytorch
+from deepvit_jax.convert.pytorch import (check_finite, from_pytorch, save_pytorch, to_pytorch,
+                                         weight_summary)
 from deepvit_jax.errors import InputError
-from deepvit_jax.model_dir import check_replaceable, load_model, save_model
+from deepvit_jax.model_dir import check_replaceable, load_model, model_arrays, save_model
 from deepvit_jax.models.registry import VARIANTS
+from deepvit_jax.utils import claim_output
 
 
 def _blocks(spec: str) -> tuple[int, ...]:
@@ -80,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key layout for --to-pytorch (default: official, or vit-pytorch for "
                         "a model converted from vit-pytorch)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN / inf (refused by default)")
     p.add_argument("--verbose", action="store_true",
                    help="also show INFO logs and TensorFlow / XLA notices")
     return p
@@ -117,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         return _err("nothing to write: give --out DIR and/or --to-pytorch FILE")
 
     def body():
-        _check_outputs(args)
-        _convert(args)
+        with contextlib.ExitStack() as claims:  # a concurrent writer of an output: exit 3
+            for target in (args.out, args.to_pytorch):
+                if target:
+                    claims.enter_context(claim_output(target))
+            _check_outputs(args)  # under the claims: nobody else writes them meanwhile
+            _convert(args)
 
     return cli.run_cli(body, input_errors=(ValueError,))
 
@@ -144,11 +160,15 @@ def _convert(args) -> None:
         step(f"reading {args.src} ({os.path.getsize(args.src) / 2**20:.1f} MiB)"
              if os.path.isfile(args.src) else f"reading {args.src}")
         model = from_pytorch(args.src, model=args.model, source=args.source,
-                             ema=args.ema, image_size=args.image_size, **overrides)
+                             ema=args.ema, image_size=args.image_size,
+                             allow_nonfinite=args.allow_nonfinite, **overrides)
         cfg = model.config
         step(f"converted to {cfg.name}: depth {cfg.depth}, dim {cfg.embed_dim}, "
              f"{cfg.num_heads} heads, image {cfg.image_size}, {cfg.num_classes} classes, "
              f"re-attention blocks {list(cfg.reattn_indices)}")
+    arrays = model_arrays(model)
+    check_finite(arrays, f"the weights of {args.src}", allow_nonfinite=args.allow_nonfinite)
+    step("the weights to write, per group:\n  " + "\n  ".join(weight_summary(arrays)))
     state_dict = to_pytorch(model, layout=args.layout) if args.to_pytorch else None
     if args.out:
         step(f"writing {args.out}")

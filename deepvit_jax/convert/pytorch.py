@@ -444,27 +444,93 @@ def _torch_shape(shape, transform: str) -> tuple[int, ...]:
     return tuple(TRANSFORMS[transform][1](np.broadcast_to(np.float32(0), shape)).shape)
 
 
+def nonfinite_problems(arrays: Mapping[Any, np.ndarray]) -> list[str]:
+    """``'key: n of m values are NaN/inf'`` for every array holding a non-finite value."""
+    out = []
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind not in "fc":
+            continue
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            name = path_str(key, ".") if isinstance(key, tuple) else key
+            out.append(f"{name}: {bad} of {a.size} values are NaN/inf")
+    return out
+
+
+def check_finite(arrays: Mapping[Any, np.ndarray], what: str, *,
+                 allow_nonfinite: bool = False) -> None:
+    """Refuse weights holding NaN or inf (a diverged or damaged checkpoint) unless
+    ``allow_nonfinite``, then only warn."""
+    problems = nonfinite_problems(arrays)
+    if not problems:
+        return
+    if allow_nonfinite:
+        log.warning("%s: %d tensor(s) hold NaN/inf (kept: allow_nonfinite): %s", what,
+                    len(problems), "; ".join(problems[:5]))
+        return
+    raise ConversionError(_listing(
+        f"{what}: {len(problems)} tensor(s) hold NaN/inf values (a diverged or damaged "
+        "checkpoint?)", problems,
+        "Pass --allow-nonfinite (allow_nonfinite=True) to convert them anyway."))
+
+
+def _listing(title: str, items: list[str], hint: str, limit: int = 10) -> str:
+    more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
+    return "\n".join([title + ":", *(f"  {x}" for x in items[:limit]), *more, hint])
+
+
+def weight_summary(arrays: Mapping[Any, np.ndarray]) -> list[str]:
+    """A table, one line per group of tensors (block indices folded into ``*``, the last
+    name dropped: ``blocks.*.attn.qkv``): tensor and value counts, dtypes, value range,
+    mean |value| and the count of non-finite values, for a reader to spot a zeroed or
+    exploded group. The first line is the header."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for key, a in arrays.items():
+        parts = [str(p) for p in (key if isinstance(key, tuple) else key.split("."))]
+        name = ".".join("*" if p.isdigit() else p for p in parts[:-1]) or parts[-1]
+        groups.setdefault(name, []).append(np.asarray(a))
+    lines = [f"{'group':<30}{'tensors':>8}{'values':>11}  {'dtype':<9}{'min':>11}{'max':>11}"
+             f"{'mean |x|':>11}  non-finite"]
+    for name, arrs in groups.items():
+        size = sum(a.size for a in arrs)
+        dtypes = ",".join(sorted({str(a.dtype) for a in arrs}))
+        vals = np.concatenate([(a[np.isfinite(a)] if a.dtype.kind == "f" else a)
+                               .ravel().astype(np.float64) for a in arrs])
+        lo, hi = (vals.min(), vals.max()) if vals.size else (np.nan, np.nan)
+        mean = np.abs(vals).mean() if vals.size else np.nan
+        lines.append(f"{name:<30}{len(arrs):>8}{size:>11}  {dtypes:<9}{lo:>11.4g}{hi:>11.4g}"
+                     f"{mean:>11.4g}  {size - vals.size}")
+    return lines
+
+
 def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: str, *,
-                       identity_reattn: bool = False) -> dict[Path, np.ndarray]:
+                       identity_reattn: bool = False,
+                       allow_nonfinite: bool = False) -> dict[Path, np.ndarray]:
     """``{torch key: array}`` -> ``{our state path: array}`` for the model ``cfg`` describes.
 
     Every key must map onto a weight of that model with the right shape and every weight
     must be covered; otherwise a :class:`ConversionError` lists the offending keys with
     their shapes. ``pos_embed`` is resampled when only its grid differs. With
     ``identity_reattn`` (timm), Re-attention weights absent from ``sd`` start as the
-    identity.
+    identity. Integer or boolean tensors where weights belong are refused (the float32 cast
+    would write truncated or zeroed weights), and so are NaN / inf values unless
+    ``allow_nonfinite``.
     """
     if source not in _TABLES:
         raise ConversionError(f"unknown source {source!r}; one of {SOURCES}")
     table = _TABLES[source]
     target = weight_shapes(cfg)
     out: dict[Path, np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, not_float, mapped = [], [], [], []
     for key, value in sd.items():
         hit = table.to_ours(key)
         path = _path(hit[0]) if hit else None
         if path not in target:
             unexpected.append(f"{key} {tuple(value.shape)}")
+            continue
+        if not np.issubdtype(np.asarray(value).dtype, np.floating):
+            not_float.append(f"{key}: {np.asarray(value).dtype}")
             continue
         tf = hit[1]
         want = target[path][0]
@@ -481,6 +547,13 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: s
                               f"{_torch_shape(want, tf)}")
             continue
         out[path] = arr
+        mapped.append(key)
+    if not_float:
+        raise ConversionError(_listing(
+            f"{len(not_float)} of the {source} checkpoint's weights are not floating-point "
+            "tensors (weights are float32, float16 or bfloat16)", not_float,
+            "Is this a state dict of weights (not one cast to integers, or of indices / "
+            "masks)? Convert the original float checkpoint."))
     if identity_reattn:
         for b in cfg.reattn_indices:
             for p, a in identity_reattention(cfg, b).items():
@@ -503,6 +576,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: s
             f"(depth {cfg.depth}, dim {cfg.embed_dim}, re-attention blocks "
             f"{list(cfg.reattn_indices)})", missing=missing, unexpected=unexpected,
             mismatched=mismatched, hint=hint))
+    check_finite({k: sd[k] for k in mapped}, f"the {source} checkpoint",
+                 allow_nonfinite=allow_nonfinite)
     return out
 
 
@@ -530,7 +605,7 @@ def _target_config(sd, model, source, image_size, overrides) -> ModelConfig:
 
 def from_pytorch(src: str | os.PathLike | Mapping, model: str | ModelConfig | None = None,
                  source: str = "auto", ema: bool = False, image_size: int | None = None,
-                 **overrides) -> DeepViT:
+                 allow_nonfinite: bool = False, **overrides) -> DeepViT:
     """A PyTorch checkpoint (path or state dict) -> ready :class:`DeepViT` in eval mode.
 
     Args:
@@ -542,6 +617,8 @@ def from_pytorch(src: str | os.PathLike | Mapping, model: str | ModelConfig | No
         keys, else 'official' (also for a plain ViT when ``model`` is given), else 'timm'.
       ema: take the EMA weights (``state_dict_ema``) of a timm training file.
       image_size: target image size; ``pos_embed`` is resampled when its grid differs.
+      allow_nonfinite: keep NaN / inf weights (refused by default; integer or boolean
+        weights are always refused).
       **overrides: ModelConfig fields, e.g. ``pool='mean'`` (vit-pytorch), ``num_heads=6`` and
         ``reattn_blocks=range(6, 12)`` (timm: identity Re-attention on those blocks),
         ``num_classes=...``.
@@ -554,7 +631,8 @@ def from_pytorch(src: str | os.PathLike | Mapping, model: str | ModelConfig | No
     if source not in SOURCES:
         raise ConversionError(f"unknown source {source!r}; one of {SOURCES} or 'auto'")
     cfg = _target_config(sd, model, source, image_size, overrides)
-    arrays = convert_state_dict(sd, cfg, source, identity_reattn=(source == "timm"))
+    arrays = convert_state_dict(sd, cfg, source, identity_reattn=(source == "timm"),
+                                allow_nonfinite=allow_nonfinite)
     return model_from_arrays(cfg, arrays, what=f"converted {source} weights")
 
 
@@ -614,15 +692,32 @@ def _sort_key(key: str):
 
 def save_pytorch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> str:
     """Write a state dict as ``.safetensors`` (by extension) or ``torch.save`` otherwise,
-    through a temporary file renamed into place."""
-    path = os.path.abspath(os.fspath(path))
-    with atomic_output(path) as tmp:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
+    through a temporary file renamed into place (``utils.atomic_output``: claimed first).
 
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-        else:
-            _torch().save(dict(state_dict), tmp)
+    The file is serialised in memory and written by Python: torch's own file writer
+    reports a full disk as ``enforce fail ... unexpected pos`` (no errno), safetensors' as
+    its own error type; Python's write raises ``OSError(ENOSPC)`` with the file named, the
+    one-line exit 4 of every command."""
+    import io
+
+    path = os.path.abspath(os.fspath(path))
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in state_dict.items()})
+    else:
+        buf = io.BytesIO()
+        _torch().save(dict(state_dict), buf)
+        data = buf.getvalue()
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e  # named in the one-line error
     return path
 
 
@@ -633,6 +728,7 @@ __all__ = [
     "TIMM_RULES",
     "VIT_PYTORCH_RULES",
     "ConversionError",
+    "check_finite",
     "convert_state_dict",
     "detect_source",
     "extract_state_dict",
@@ -643,8 +739,10 @@ __all__ = [
     "infer_vit_pytorch_config",
     "load_state_dict",
     "load_torch_file",
+    "nonfinite_problems",
     "resample_pos_embed",
     "save_pytorch",
     "to_pytorch",
+    "weight_summary",
 ]
 

@@ -3,6 +3,8 @@
     prepare digits        [--data-dir DIR]                    embedded scikit-learn digits
     prepare imagenet2012  --manual-dir DIR [--data-dir DIR]   from the two ImageNet tars
     prepare folder        --folder ROOT [--data-dir DIR]      ROOT/<split>/<class>/<images>
+        [--val-fraction F]   a train-only folder: hold out F of each class as 'validation'
+        [--max-pixels N]     skip images above N pixels (default PIL's bomb limit)
     prepare <tfds name>   [--data-dir DIR] [--manual-dir DIR] any TFDS dataset
     prepare ... --array-record   also write ArrayRecord files beside the TFRecord ones (for
                           data.reader='array_record'; in place, resumable; needs the grain
@@ -82,12 +84,16 @@ def _report_skipped(skipped: dict[str, int]) -> None:
 
 
 def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-            folder: str | None = None, array_record: bool = False) -> str:
+            folder: str | None = None, array_record: bool = False, val_fraction: float = 0.0,
+            max_pixels: int | None = None) -> str:
     """Prepare ``name`` into ``data_dir`` (and add its ArrayRecord files with
     ``array_record``); returns the prepared dataset's directory."""
     if array_record:
         require_grain()     # before hours of preparation
-    path = _prepare(name, data_dir=data_dir, manual_dir=manual_dir, folder=folder)
+    if (val_fraction or max_pixels is not None) and name != "folder":
+        raise PrepareError("--val-fraction and --max-pixels are for 'prepare folder'")
+    path = _prepare(name, data_dir=data_dir, manual_dir=manual_dir, folder=folder,
+                    val_fraction=val_fraction, max_pixels=max_pixels)
     if array_record:
         counts = add_array_record(path)
         print("ArrayRecord files: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -95,7 +101,8 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
 
 
 def _prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-             folder: str | None = None) -> str:
+             folder: str | None = None, val_fraction: float = 0.0,
+             max_pixels: int | None = None) -> str:
     import tensorflow_datasets as tfds  # heavy: only when preparing
 
     _tf()
@@ -111,7 +118,8 @@ def _prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None =
             raise PrepareError("prepare folder needs --folder ROOT (ROOT/<split>/<class>/<images>)")
         from deepvit_jax.data.builders.folder import prepare_folder
 
-        path, skipped = prepare_folder(folder, data_dir)
+        path, skipped = prepare_folder(folder, data_dir, val_fraction=val_fraction,
+                                       max_pixels=max_pixels)
         _report_skipped(skipped)
         return str(path)
     if name.split(":")[0].split("/")[0] == "imagenet2012":
@@ -150,13 +158,21 @@ def main(argv=None) -> int:
         if cmd == "prepare":
             p.add_argument("--array-record", action="store_true",
                            help="also write ArrayRecord files (data.reader='array_record')")
+            p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                           help="for 'folder' with only a train split: hold out F (e.g. 0.1) "
+                                "of each class as 'validation' (by a hash of each path)")
+            p.add_argument("--max-pixels", type=cli.non_negative_int, default=None,
+                           metavar="N",
+                           help="for 'folder': skip images of more than N pixels (default "
+                                "89478485, PIL's decompression-bomb limit; 0: no limit)")
     args = parser.parse_args(argv)
     cli.setup_console(args.verbose)
 
     def body():
         if args.command == "prepare":
             path = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                           folder=args.folder, array_record=args.array_record)
+                           folder=args.folder, array_record=args.array_record,
+                           val_fraction=args.val_fraction, max_pixels=args.max_pixels)
             print(f"prepared {args.name} in {path}")
         cfg = default_data_config()
         cfg.dataset, cfg.data_dir, cfg.folder_path = args.name, args.data_dir, args.folder

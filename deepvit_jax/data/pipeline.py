@@ -170,8 +170,13 @@ def _eval_split(data_cfg, builder) -> str:
     for s in ("validation", "test", "val"):
         if s in splits:
             return s
+    hint = ""
+    if builder.name == "image_folder":
+        from deepvit_jax.data.builders.folder import NO_EVAL_HINT
+
+        hint = f"; for an image folder, {NO_EVAL_HINT}"
     raise ValueError(f"dataset {builder.name!r} has no 'validation' or 'test' split "
-                     f"(splits: {sorted(splits)}); set data.eval_split")
+                     f"(splits: {sorted(splits)}); set data.eval_split{hint}")
 
 
 def _check_features(data_cfg, builder):

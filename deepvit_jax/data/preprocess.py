@@ -49,6 +49,57 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
     return tf.cond(c < 3, lambda: grey, lambda: image[..., :3])
 
 
+# The pixel limit of image files given by a user (predict, prepare of a folder): PIL's
+# decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS``, ~9459 x 9459). A 388 KB PNG
+# can declare 20000 x 20000 pixels; decoded and resized in float32 that reached 13.8 GB.
+# The header is read first (nothing decoded) and a larger image refused; ``--max-pixels``
+# raises the limit (0: none). benchmarks/pixel_limit.py measures peak memory against size.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (PIL; nothing is decoded), or None when
+    PIL does not recognise the format (the decoder then decides)."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's own DecompressionBombWarning: ours is below
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return tuple(im.size)
+        except Image.DecompressionBombError:  # above 2x PIL's limit: opened without it
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    return tuple(im.size)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                return None
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return None
+
+
+def check_image_pixels(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       flag: str = "--max-pixels") -> None:
+    """Refuse (InputError) an image file whose header declares more than ``max_pixels``
+    pixels, before anything is decoded. ``max_pixels`` 0 / None: no limit."""
+    if not max_pixels:
+        return
+    size = image_dimensions(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        from deepvit_jax.errors import InputError
+
+        w, h = size
+        raise InputError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of "
+                         f"{max_pixels:,} (a decompression bomb?); if you trust the file, "
+                         f"pass {flag} {w * h} (0 = no limit)")
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, 3); also CMYK JPEGs, PNGs named .JPEG."""
     img = tf.io.decode_image(encoded, channels=3, expand_animations=False)

@@ -19,7 +19,7 @@ Each section is handed as it is to the code that owns it:
 ``checkpoint``         cadence and retention -> ``train.checkpoints``
 ``mesh``               device mesh axes -> ``parallel.make_mesh``
 top level              batch size, run length (epochs or steps), EMA, seed, logging,
-                       ``init_from``
+                       ``init_from``, ``overwrite``
 =====================  =================================================================
 
 Any field can be overridden on the command line (``--config.batch_size=256``,
@@ -70,6 +70,10 @@ def base_config(model_name: str = "deepvit_16b") -> ml_collections.ConfigDict:
     # A model directory (deepvit_jax.checkpoint.save_model) to start from. A recipe that
     # needs one sets it to a None placeholder: validate() then requires --config.init_from.
     c.init_from = ""
+    # True: start over in a workdir that holds another run's files (metrics.jsonl,
+    # tensorboard/, train.log) but no checkpoint to resume; they are replaced. False (the
+    # default): such a workdir is refused, naming the files.
+    c.overwrite = False
     c.data = _placeholders(default_data_config())
     c.mix = default_mix_config()
 
@@ -156,6 +160,13 @@ def _non_negative(config, *fields):
             raise ConfigError(f"config.{f}={value!r}: must be >= 0")
 
 
+def _positive(config, *fields):
+    for f in fields:
+        value = _get(config, f)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"config.{f}={value!r}: must be > 0")
+
+
 def _get(config, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -170,7 +181,7 @@ def _get(config, dotted: str):
 RESUMABLE_FIELDS = frozenset({
     "total_steps", "num_epochs", "cooldown_epochs", "log_every_steps", "expected_top1",
     "collapse_every_steps",
-    "init_from", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
+    "init_from", "overwrite", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
     "checkpoint.keep", "mesh", "model.remat", "model.attention_impl", "data.data_dir",
     "data.num_parallel_calls", "data.prefetch_batches", "data.private_threadpool_size",
 })
@@ -192,6 +203,18 @@ def validate(config) -> None:
         raise ConfigError(f"config.eval.bn_recalibration_batches="
                           f"{config.eval.bn_recalibration_batches!r}: must be an integer "
                           f"(0 = off)")
+    # Values no recipe can mean: a negative learning rate ascends the loss (it trained to
+    # loss 12884), eps 0 divides by zero, b1 / b2 of 1 never forget. A learning rate of 0
+    # is kept: it freezes the weights (the tests of init_from and export rely on it).
+    _positive(config, "optim.eps")
+    _non_negative(config, "optim.learning_rate", "optim.warmup_lr", "optim.min_lr")
+    for f in ("optim.b1", "optim.b2"):
+        value = _get(config, f)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value < 1:
+            raise ConfigError(f"config.{f}={value!r}: must be in [0, 1)")
+    if config.loss.cosine_reg_weight:
+        _positive_int(config, "loss.cosine_reg_pairs")
     if config.ema_decay >= 1:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be < 1 (0 = no EMA)")
     if not config.total_steps and not config.num_epochs + config.cooldown_epochs:

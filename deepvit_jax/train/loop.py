@@ -105,6 +105,11 @@ def setup(config, workdir: str, *, mesh=None) -> Run:
         config_lib.validate(config)
         mesh = parallel.make_mesh(config.mesh)
     dataset = _dataset_info(config)
+    if dataset.num_classes < 2:  # one class trains to loss 0 and learns nothing
+        raise ConfigError(
+            f"config.data.dataset={config.data.dataset!r} has {dataset.num_classes} class(es); "
+            "a classifier needs at least 2 (an image folder: ROOT/<split>/<class>/, one "
+            "folder per class)")
     mcfg = model_config(config, dataset.num_classes)
     batch_size, eval_bs, recal_bs = _batch_sizes(config, mesh, dataset.num_train)
     if config.loss.cosine_reg_weight and mcfg.depth < 2:
@@ -114,6 +119,13 @@ def setup(config, workdir: str, *, mesh=None) -> Run:
              "(%d per epoch)", config.model_name, mcfg.to_dict(), dataset.name,
              dataset.num_train, dataset.num_eval, dataset.num_classes, dict(mesh.shape),
              length.total_steps, length.steps_per_epoch)
+    meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
+    ckpt = Checkpointer(workdir_lib.checkpoints_dir(workdir), keep=config.checkpoint.keep,
+                        best_metric="eval/ema_top1" if config.ema_decay > 0 else "eval/top1")
+    if ckpt.latest_step() is None:  # a fresh start: never over another run's files
+        workdir_lib.check_fresh_workdir(workdir, meta["config"],
+                                        overwrite=bool(config.get("overwrite", False)),
+                                        allowed=config_lib.RESUMABLE_FIELDS)
     data_sh = parallel.batch_sharding(mesh)
     train_iter = _train_iterator(config, batch_size, mcfg, data_sh, dataset)
     schedule = step_lib.make_schedule(config.optim, length)
@@ -128,9 +140,6 @@ def setup(config, workdir: str, *, mesh=None) -> Run:
     rest_sh = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_rest)
     state, rest = jax.jit(init_fn, out_shardings=(state_sh, rest_sh))()
 
-    meta = {"config": json.loads(config.to_json_best_effort()), "model_config": mcfg.to_dict()}
-    ckpt = Checkpointer(workdir_lib.checkpoints_dir(workdir), keep=config.checkpoint.keep,
-                        best_metric="eval/ema_top1" if config.ema_decay > 0 else "eval/top1")
     state, latest, eval_pending = _restore_or_init(config, ckpt, meta, state, train_iter, tx,
                                                    workdir_lib.abstract_like(abstract_state,
                                                                              state_sh), state_sh)
@@ -255,8 +264,10 @@ class Training:
                 "--config.total_steps (or num_epochs) to train longer, or use another "
                 "--workdir")
         self.r, self.c, self.preemption, self.on_step = run, c, preemption, on_step
+        # A fresh start replaces the run files (check_fresh_workdir refused another run's):
+        # resume_step -1 keeps no metrics row and rewrites tensorboard/ from none.
         self.writer = MetricWriter(run.workdir,
-                                   resume_step=run.start_step if run.resumed else None)
+                                   resume_step=run.start_step if run.resumed else -1)
         self.meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
         self.bar = _progress_bar(run.length.total_steps, run.start_step)
         # Attention-collapse probe on the first eval images (built before the eval wrapper).

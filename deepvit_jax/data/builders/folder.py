@@ -7,8 +7,12 @@ Layout (the same as ``tfds.folder_dataset.ImageFolder``)::
 ``prepare`` (``python -m deepvit_jax.data prepare folder --folder ROOT``) reads every image once
 with PIL: JPEG/PNG files that are RGB are stored as they are; anything else (CMYK or grey
 JPEGs, a PNG saved as .JPEG, BMP, WebP, ...) is re-encoded as an RGB JPEG (quality 95); files
-PIL cannot decode are skipped and counted (listed in the log).  Unlike ImageFolder, which
-decodes files lazily at training time, a corrupt file then never reaches a training run.
+PIL cannot decode, and files of more pixels than ``--max-pixels`` (PIL's decompression-bomb
+limit by default; read from the header, nothing decoded), are skipped and counted (listed in
+the log). A folder with only a ``train`` split gets a ``validation`` split with
+``--val-fraction F`` (:func:`hold_out`: F of each class, chosen by a hash of each path).
+Unlike ImageFolder, which decodes files lazily at training time, a corrupt file then never
+reaches a training run.
 The prepared copy lives under ``DATA_DIR/image_folder/<name>_<hash>/1.0.0`` (``hash``: of
 the folder's absolute path, so ``~/a/pets`` and ``~/b/pets`` never share one) and is read
 with ``tfds.builder_from_directory``. ``source.json`` beside it records the folder's
@@ -57,11 +61,37 @@ def fingerprint(root) -> str:
     return h.hexdigest()
 
 
-def _recorded(path: Path) -> str | None:
+def _recorded(path: Path, key: str = "fingerprint"):
     try:
-        return json.loads((path / SOURCE_FILE).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads((path / SOURCE_FILE).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
         return None
+
+
+EVAL_SPLITS = ("validation", "test", "val")  # what training takes as the evaluation split
+NO_EVAL_HINT = ("prepare it again with --val-fraction 0.1 (holds out a tenth of each class of "
+                "'train', deterministically), add ROOT/validation/<class>/ images, or set "
+                "data.eval_split")
+
+
+def hold_out(items: list[tuple[Path, str]], root: Path, fraction: float
+             ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(train, validation): ``fraction`` of each class's images (at least one of a class
+    with two or more) held out, chosen by a hash of each file's path relative to ``root``:
+    the same files whatever the order they are listed in, and a file added later does not
+    move the others."""
+    by_class: dict[str, list[tuple[Path, str]]] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    train, val = [], []
+    for cls in sorted(by_class):
+        ranked = sorted(by_class[cls], key=lambda it: hashlib.sha256(
+            str(it[0].relative_to(root)).encode()).hexdigest())
+        n = len(ranked)
+        k = max(1, round(fraction * n)) if n >= 2 else 0
+        val += ranked[:k]
+        train += ranked[k:]
+    return sorted(train), sorted(val)
 
 
 def prepared_dir(root, data_dir) -> Path:
@@ -91,12 +121,25 @@ def scan_folder(root) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
     return splits, sorted(classes)
 
 
-def read_image_bytes(path) -> bytes | None:
-    """File bytes ready for TF decoding (RGB JPEG or PNG), or None if PIL cannot decode it."""
+def read_image_bytes(path, max_pixels: int | None = None) -> bytes | None:
+    """File bytes ready for TF decoding (RGB JPEG or PNG), or None if PIL cannot decode it
+    or its header declares more than ``max_pixels`` pixels (default: PIL's
+    decompression-bomb limit, ``preprocess.DEFAULT_MAX_PIXELS``; 0: no limit)."""
     from PIL import Image, UnidentifiedImageError
 
+    from deepvit_jax.data.preprocess import DEFAULT_MAX_PIXELS, check_image_pixels
+    from deepvit_jax.errors import InputError
+
     data = Path(path).read_bytes()
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
+        check_image_pixels(data, str(path), limit)
+    except InputError as e:
+        log.warning("skipping %s", e)
+        return None
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # checked above against our own (settable) limit
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode = im.format, im.mode
             im.load()                     # full decode: catches truncated files
@@ -106,6 +149,8 @@ def read_image_bytes(path) -> bytes | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         log.warning("skipping %s: not a decodable image (%s)", path, e)
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=95)
     return buf.getvalue()
@@ -117,9 +162,22 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(VERSION)
     name = "image_folder"
 
-    def __init__(self, *, root, **kwargs):
+    def __init__(self, *, root, val_fraction: float = 0.0, max_pixels: int | None = None,
+                 **kwargs):
         self._root = Path(root)
+        self._max_pixels = max_pixels
         self._splits, self._classes = scan_folder(root)
+        if val_fraction:
+            present = [s for s in EVAL_SPLITS if s in self._splits]
+            if present:
+                raise ValueError(f"--val-fraction: image folder {str(root)!r} already has the "
+                                 f"evaluation split {present[0]!r}; leave --val-fraction out")
+            if "train" not in self._splits:
+                raise ValueError(f"--val-fraction: image folder {str(root)!r} has no 'train' "
+                                 f"split to hold images out of (splits: "
+                                 f"{sorted(self._splits)})")
+            self._splits["train"], self._splits["validation"] = hold_out(
+                self._splits["train"], self._root, val_fraction)
         self.skipped: dict[str, int] = {}
         config = tfds.core.BuilderConfig(name=folder_name(root), version=VERSION,
                                          description=f"images from {root}")
@@ -144,7 +202,7 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split, items):
         skipped = 0
         for path, cls in items:
-            data = read_image_bytes(path)
+            data = read_image_bytes(path, self._max_pixels)
             if data is None:
                 skipped += 1
                 continue
@@ -172,16 +230,24 @@ def _cause(exc: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def prepare_folder(root, data_dir) -> tuple[Path, dict[str, int]]:
-    """Prepare ``root`` (again when its files changed since the last prepare)."""
+def prepare_folder(root, data_dir, *, val_fraction: float = 0.0,
+                   max_pixels: int | None = None) -> tuple[Path, dict[str, int]]:
+    """Prepare ``root`` (again when its files, or ``val_fraction``, changed since the last
+    prepare). ``val_fraction`` > 0 holds out that fraction of each class of ``train`` as a
+    ``validation`` split (:func:`hold_out`), for a folder without an evaluation split."""
     import shutil
 
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1) (e.g. 0.1)")
     path = prepared_dir(root, data_dir)
     now = fingerprint(root)
-    if path.exists() and _recorded(path) != now:
-        log.info("%s changed since it was prepared: preparing it again", root)
+    if path.exists() and (_recorded(path) != now
+                          or (_recorded(path, "val_fraction") or 0.0) != val_fraction):
+        log.info("%s (or --val-fraction) changed since it was prepared: preparing it again",
+                 root)
         shutil.rmtree(path)
-    builder = ImageFolderBuilder(root=root, data_dir=str(data_dir))
+    builder = ImageFolderBuilder(root=root, data_dir=str(data_dir), val_fraction=val_fraction,
+                                 max_pixels=max_pixels)
     parent = Path(data_dir) / "image_folder"
     before = set(parent.iterdir()) if parent.is_dir() else set()
     try:
@@ -195,7 +261,11 @@ def prepare_folder(root, data_dir) -> tuple[Path, dict[str, int]]:
         raise ValueError(str(empty)) from None
     path = Path(builder.data_dir)
     (path / SOURCE_FILE).write_text(json.dumps(
-        {"root": str(Path(root).expanduser().resolve()), "fingerprint": now}))
+        {"root": str(Path(root).expanduser().resolve()), "fingerprint": now,
+         "val_fraction": val_fraction}))
+    if not any(s in builder.info.splits for s in EVAL_SPLITS):
+        log.warning("image folder %s has no evaluation split (%s): training needs one; %s",
+                    root, ", ".join(EVAL_SPLITS), NO_EVAL_HINT)
     return path, builder.skipped
 
 
