@@ -95,7 +95,9 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "f8e4m3fn": 1, "f8e5m2": 1}
-_OP = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES)
+                 + r")(-start)?\(")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -263,7 +265,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     result tuple holds the operand as well, so all-gather / reduce-scatter bytes of async ops
     include the operand)."""
     out: dict[str, dict[str, int]] = {}
-    for m in _OP.finditer(hlo_text):
+    for line in hlo_text.splitlines():
+        m = _OP.match(_COMMENT.sub("", line))
+        if m is None:
+            continue
         shapes, kind = m.group(1), m.group(2)
         nbytes = 0
         for dtype, dims in _SHAPE.findall(shapes):
@@ -275,13 +280,28 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-_OOM = re.compile(r"Used ([0-9.]+)([KMGT]?)B? of ([0-9.]+)([KMGT]?)B? hbm")
+# libtpu's refusal: "... the total memory required for HLO temporaries (158.20G) exceeds
+# available HBM (15.75G)" (older: "Used 20.5G of 15.48G hbm").
+_OOM = (re.compile(r"required for ([\w ]+?) \(([0-9.]+)([KMGT]?)\) exceeds available HBM "
+                   r"\(([0-9.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([0-9.]+)([KMGT]?)B? of ([0-9.]+)([KMGT]?)B? hbm"))
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _oom_used(message: str) -> int | None:
-    m = _OOM.search(message)
-    return None if m is None else int(float(m.group(1)) * _UNIT[m.group(2)])
+def _oom_numbers(message: str) -> dict:
+    """What libtpu's out-of-memory message says: bytes required (at least) and usable."""
+    m = _OOM[0].search(message)
+    if m is not None:
+        what, need, nu, avail, au = m.groups()
+        out = {"total": int(float(need) * _UNIT[nu]), "usable": int(float(avail) * _UNIT[au])}
+        if "temporar" in what:
+            out["temporaries"] = out["total"]
+        return out
+    m = _OOM[1].search(message)
+    if m is not None:
+        return {"total": int(float(m.group(1)) * _UNIT[m.group(2)]),
+                "usable": int(float(m.group(3)) * _UNIT[m.group(4)])}
+    return {"total": None}
 
 
 def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
@@ -294,9 +314,9 @@ def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             raise
-        used = _oom_used(text)
+        mem = dict(_oom_numbers(text), capacity=capacity, at_least=True)
         return {"compile_s": round(time.perf_counter() - t, 2), "fits": False,
-                "memory": {"total": used, "capacity": capacity},
+                "memory": mem,
                 "error": one_line(text)[:500]}
     compile_s = time.perf_counter() - t
     ma = compiled.memory_analysis()
@@ -351,6 +371,7 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
     import jax
 
     from deepvit_jax import parallel
+    from deepvit_jax.models import attention
 
     topo = topology(topology_name)
     version = libtpu_version()
@@ -363,11 +384,12 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
     shards = parallel.batch_size_per_shard(s.mesh)
     report = {
         "config": config_name, "model_name": s.config.model_name,
-        "attention_impl": s.mcfg.attention_impl, "dtype": str(s.mcfg.dtype),
+        "attention_impl": attention.resolve(s.mcfg.attention_impl), "dtype": str(s.mcfg.dtype),
         "topology": ALIASES.get(topology_name, topology_name), "libtpu_topology": topo.name,
         "num_slices": num_slices, "devices": n, "hosts": s.hosts,
         "device_kind": devices[0].device_kind, "hbm_per_chip": capacity,
-        "mesh": dict(s.mesh.shape), "global_batch": gb, "per_chip_batch": gb / n,
+        "mesh": dict(s.mesh.shape), "global_batch": gb,
+        "per_chip_batch": gb // n if gb % n == 0 else gb / n,
         "per_host_batch": gb // s.hosts, "grad_accum_steps": int(
             s.config.optim.get("grad_accum_steps", 1) or 1),
         "libtpu": version, "jax": jax.__version__,
@@ -405,7 +427,8 @@ def format_report(r: dict) -> str:
                    f"{_gib(m['arguments'])}, temporaries {_gib(m['temporaries'])}, outputs "
                    f"{_gib(m['outputs'])}, aliased {_gib(m['aliased'])})")
         else:
-            mem = f"HBM per chip {_gib(m['total'])} of {_gib(m['capacity'])} (XLA: {a['error']})"
+            mem = (f"HBM per chip at least {_gib(m['total'])} of {_gib(m['capacity'])} (XLA: "
+                   f"{a['error']})")
         line = (f"  {step}: {'fits' if a['fits'] else 'DOES NOT FIT'}; {mem}; compiled in "
                 f"{a['compile_s']:.1f} s")
         if "flops_per_step" in a:
@@ -423,7 +446,8 @@ def format_report(r: dict) -> str:
 
 
 def _not_fitting(r: dict) -> str:
-    parts = [f"{step} step needs {_gib(r[step]['memory']['total'])} per chip"
+    parts = [f"{step} step needs {'at least ' if r[step]['memory'].get('at_least') else ''}"
+             f"{_gib(r[step]['memory']['total'])} per chip"
              for step in ("train", "eval") if not r[step]["fits"]]
     return (f"{r['config'] or r['model_name']} does not fit on {r['topology']}: "
             f"{', '.join(parts)}, the chip has {_gib(r['hbm_per_chip'])}; lower "
@@ -432,39 +456,50 @@ def _not_fitting(r: dict) -> str:
             "(--config.model.dtype=bfloat16)")
 
 
-_CONFIG = cli.define_config_flag()
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: " + ", ".join(TOPOLOGIES))
-_SLICES = flags.DEFINE_integer("num-slices", 1, "Slices joined over the data-center network.")
-_JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
-_SEARCH = flags.DEFINE_bool("search-batch", False,
-                            "Also find the largest per-chip batch that fits (more compiles).")
-_CLASSES = flags.DEFINE_integer("num-classes", None, "Classes, where the dataset is not here.")
-_TRAIN = flags.DEFINE_integer("num-train", None, "Train images, where the dataset is not here.")
-_VERBOSE = cli.define_verbose_flag()
-flags.mark_flags_as_required(["config", "topology"])
+FLAGS: dict = {}  # defined by run() only: importing this module defines no absl flag
+
+
+def _define_flags() -> None:
+    if FLAGS:
+        return
+    FLAGS.update(
+        config=cli.define_config_flag(),
+        topology=flags.DEFINE_string("topology", None, "TPU slice: " + ", ".join(TOPOLOGIES)),
+        num_slices=flags.DEFINE_integer("num-slices", 1,
+                                        "Slices joined over the data-center network."),
+        json=flags.DEFINE_string("json", None, "Write the report to this JSON file."),
+        search=flags.DEFINE_bool("search-batch", False, "Also find the largest per-chip "
+                                 "batch that fits (more compiles)."),
+        num_classes=flags.DEFINE_integer("num-classes", None,
+                                         "Classes, where the dataset is not here."),
+        num_train=flags.DEFINE_integer("num-train", None,
+                                       "Train images, where the dataset is not here."),
+        verbose=cli.define_verbose_flag())
+    flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
     del argv
-    cli.setup_console(_VERBOSE.value)
+    cli.setup_console(FLAGS["verbose"].value)
     with cli.cli_errors():
         _run()
 
 
 def _run() -> None:
-    topology(_TOPOLOGY.value)  # an unknown name before anything is loaded
+    f = {k: v.value for k, v in FLAGS.items()}
+    topology(f["topology"])  # an unknown name before anything is loaded
     libtpu_version()
-    if _JSON.value:
-        cli.check_output(_JSON.value, [], flag="--json", suffix=".json")
-    if _SLICES.value < 1:
-        raise ConfigError(f"--num-slices={_SLICES.value}: must be at least 1")
+    if f["json"]:
+        cli.check_output(f["json"], [], flag="--json", suffix=".json")
+    if f["num_slices"] < 1:
+        raise ConfigError(f"--num-slices={f['num_slices']}: must be at least 1")
     prepare_host()
-    r = compile_report(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value,
-                       search=_SEARCH.value, num_classes=_CLASSES.value,
-                       num_train=_TRAIN.value, config_name=_config_arg())
+    r = compile_report(f["config"], f["topology"], num_slices=f["num_slices"],
+                       search=f["search"], num_classes=f["num_classes"],
+                       num_train=f["num_train"], config_name=_config_arg())
     print(format_report(r), flush=True)
-    if _JSON.value:
-        cli.write_json(_JSON.value, r)
+    if f["json"]:
+        cli.write_json(f["json"], r)
     if not r["fits"]:
         raise DoesNotFitError(_not_fitting(r))
 
@@ -488,6 +523,7 @@ def run(argv: list[str] | None = None):
         elif a == "--config" and i + 1 < len(argv):
             argv[i + 1] = configs.resolve(argv[i + 1])
     sys.argv = argv
+    _define_flags()
     cli.run_absl(main)
 
 
