@@ -39,9 +39,17 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from absl import flags
+from jax.experimental import topologies
 
-from deepvit_jax import cli, configs
+from deepvit_jax import cli, configs, parallel
+from deepvit_jax.data import pipeline
+from deepvit_jax.models import attention
+from deepvit_jax.train import config as config_lib
+from deepvit_jax.train import loop
+from deepvit_jax.train.evaluator import jit_eval_step
 from deepvit_jax.errors import ConfigError, DoesNotFitError, InputError, one_line
 
 log = logging.getLogger(__name__)
@@ -125,7 +133,6 @@ def prepare_host() -> None:
     """Settings for a TPU compile on a CPU host, before JAX's backend starts: the host's own
     backend is the CPU (libtpu must not claim a TPU; several compiling processes may load
     libtpu at once), and libtpu does not query the GCE metadata server."""
-    import jax
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -137,7 +144,6 @@ def prepare_host() -> None:
 
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     """The compile-only devices of ``topo`` (``num_slices`` slices)."""
-    from jax.experimental import topologies
 
     libtpu_version()
     kw = {"chip_config_name": topo.chip_config, "chips_per_host_bounds": topo.chips_per_host,
@@ -157,7 +163,6 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 
 def _dataset(config, num_classes: int | None, num_train: int | None):
     """(num_classes, num_train, name): the prepared dataset's, else the known table's."""
-    from deepvit_jax.data import pipeline
 
     name = str(config.data.dataset)
     try:
@@ -185,11 +190,7 @@ class Setup:
 
 def build(config, devices, *, num_classes=None, num_train=None) -> Setup:
     """The run's programs on ``devices``, by the training loop's own functions."""
-    import jax
 
-    from deepvit_jax import parallel
-    from deepvit_jax.train import config as config_lib
-    from deepvit_jax.train import loop
 
     config = config.copy_and_resolve_references()
     if config.init_from is None:  # weights are loaded at run time; the program is the same
@@ -204,13 +205,11 @@ def build(config, devices, *, num_classes=None, num_train=None) -> Setup:
     loop._batch_size(config, "eval.batch_size", config.eval.batch_size or config.batch_size,
                      mesh, n_train, processes=hosts)
     length = config_lib.run_length(config, n_train)
-    del jax
     return Setup(config, mesh, mcfg, loop.make_program(config, mcfg, mesh, length), hosts,
                  n_train)
 
 
 def _abstract(tree, shardings):
-    import jax
 
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
@@ -218,8 +217,6 @@ def _abstract(tree, shardings):
 
 def lower_train(s: Setup, global_batch: int):
     """The jitted train step of :func:`build` lowered at ``global_batch`` (abstract arrays)."""
-    import jax
-    import jax.numpy as jnp
 
     p, size = s.prog, s.mcfg.image_size
     image_dtype = jnp.uint8 if p.augment_fn is not None else jnp.float32
@@ -234,11 +231,7 @@ def lower_train(s: Setup, global_batch: int):
 
 def lower_eval(s: Setup, global_batch: int):
     """The evaluator's jitted step (``jit_eval_step``) lowered at ``global_batch``."""
-    import jax
-    import jax.numpy as jnp
 
-    from deepvit_jax import parallel
-    from deepvit_jax.train.evaluator import jit_eval_step
 
     p, size = s.prog, s.mcfg.image_size
     data_sh = parallel.batch_sharding(s.mesh)
@@ -342,7 +335,6 @@ def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
 def search_batch(s: Setup, capacity: int, start: int, *, limit: int = 4096) -> int:
     """The largest per-chip batch (a multiple of 1 per batch shard) whose train step fits:
     doubling from ``start``, then bisection; 0 when even one image per shard does not fit."""
-    from deepvit_jax import parallel
 
     shards = parallel.batch_size_per_shard(s.mesh)
     per_chip = max(1, shards // len(s.mesh.devices.flat))
@@ -368,10 +360,7 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
                    search: bool = False, num_classes=None, num_train=None,
                    config_name: str = "") -> dict:
     """Compile ``config``'s train and eval steps for ``topology_name``; the report."""
-    import jax
 
-    from deepvit_jax import parallel
-    from deepvit_jax.models import attention
 
     topo = topology(topology_name)
     version = libtpu_version()
