@@ -35,15 +35,14 @@ def recipe(name: str) -> str:
 
 
 def rows() -> list[tuple[str, str, str]]:
-    """(recipe, topology, attention_impl or ''), most informative first."""
-    out = []
-    for topo in TOPOLOGIES:
-        for name in ["deepvit_16b", "deepvit_s", "deepvit_l_384", "deepvit_32b"]:
-            out.append((name, topo, ""))
+    """(recipe, topology, attention_impl or ''), most informative first: one row per model
+    size on v5e (the smallest HBM), the multi-host row, then the rest."""
+    out = [("deepvit_16b", "v5e-8", ""), ("deepvit_l_384", "v5e-8", ""),
+           ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
+           ("deepvit_16b", "v4-8", ""), ("deepvit_32b", "v5e-8", "")]
     for name in ["deepvit_16b", "deepvit_l_384"]:
         for impl in ["reference", "xla", "pallas"]:
             out.append((name, "v5e-8", impl))
-    out.append(("deepvit_l", "v4-32", ""))  # the multi-host row (4 hosts)
     for topo in TOPOLOGIES:
         for name in [*I1K, "deepvit_l_384"]:
             if (name, topo, "") not in out:

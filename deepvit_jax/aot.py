@@ -133,7 +133,6 @@ def prepare_host() -> None:
     """Settings for a TPU compile on a CPU host, before JAX's backend starts: the host's own
     backend is the CPU (libtpu must not claim a TPU; several compiling processes may load
     libtpu at once), and libtpu does not query the GCE metadata server."""
-
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     try:
@@ -144,7 +143,6 @@ def prepare_host() -> None:
 
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     """The compile-only devices of ``topo`` (``num_slices`` slices)."""
-
     libtpu_version()
     kw = {"chip_config_name": topo.chip_config, "chips_per_host_bounds": topo.chips_per_host,
           "num_slices": num_slices}
@@ -163,7 +161,6 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 
 def _dataset(config, num_classes: int | None, num_train: int | None):
     """(num_classes, num_train, name): the prepared dataset's, else the known table's."""
-
     name = str(config.data.dataset)
     try:
         info = pipeline.dataset_info(config.data)
@@ -190,8 +187,6 @@ class Setup:
 
 def build(config, devices, *, num_classes=None, num_train=None) -> Setup:
     """The run's programs on ``devices``, by the training loop's own functions."""
-
-
     config = config.copy_and_resolve_references()
     if config.init_from is None:  # weights are loaded at run time; the program is the same
         with config.unlocked():
@@ -210,14 +205,12 @@ def build(config, devices, *, num_classes=None, num_train=None) -> Setup:
 
 
 def _abstract(tree, shardings):
-
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
 
 
 def lower_train(s: Setup, global_batch: int):
     """The jitted train step of :func:`build` lowered at ``global_batch`` (abstract arrays)."""
-
     p, size = s.prog, s.mcfg.image_size
     image_dtype = jnp.uint8 if p.augment_fn is not None else jnp.float32
     batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), image_dtype,
@@ -231,8 +224,6 @@ def lower_train(s: Setup, global_batch: int):
 
 def lower_eval(s: Setup, global_batch: int):
     """The evaluator's jitted step (``jit_eval_step``) lowered at ``global_batch``."""
-
-
     p, size = s.prog, s.mcfg.image_size
     data_sh = parallel.batch_sharding(s.mesh)
     step = jit_eval_step(p.model_def, s.mesh, p.state_sh, p.rest_sh)
@@ -332,12 +323,11 @@ def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
             "collectives": collectives(compiled.as_text())}
 
 
-def search_batch(s: Setup, capacity: int, start: int, *, limit: int = 4096) -> int:
-    """The largest per-chip batch (a multiple of 1 per batch shard) whose train step fits:
-    doubling from ``start``, then bisection; 0 when even one image per shard does not fit."""
-
+def search_batch(s: Setup, capacity: int, start: int, *, limit: int = 4096) -> dict:
+    """The largest batch whose train step fits, per batch shard (data x fsdp) doubling from
+    ``start`` up to ``limit``, then bisecting to within 1/16: {'global', 'per_chip'}
+    (0 when one image per shard does not fit)."""
     shards = parallel.batch_size_per_shard(s.mesh)
-    per_chip = max(1, shards // len(s.mesh.devices.flat))
     devices = s.mesh.devices.size
 
     def fits(per_shard: int) -> bool:
@@ -349,19 +339,20 @@ def search_batch(s: Setup, capacity: int, start: int, *, limit: int = 4096) -> i
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi > limit:
-            return lo * per_chip
-    while hi - lo > max(1, lo // 16):
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * per_chip
+            break
+    else:
+        while hi - lo > max(1, lo // 16):
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    g = lo * shards
+    return {"global": g, "per_chip": g // devices if g % devices == 0 else g / devices,
+            "limit_reached": hi > limit}
 
 
 def compile_report(config, topology_name: str, *, num_slices: int = 1,
                    search: bool = False, num_classes=None, num_train=None,
                    config_name: str = "") -> dict:
     """Compile ``config``'s train and eval steps for ``topology_name``; the report."""
-
-
     topo = topology(topology_name)
     version = libtpu_version()
     devices = topology_devices(topo, num_slices)
@@ -389,7 +380,9 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
     report["eval"] = analyse(lower_eval(s, eval_gb), capacity, n, eval_gb)
     report["fits"] = bool(report["train"]["fits"] and report["eval"]["fits"])
     if search:
-        report["max_per_chip_batch"] = search_batch(s, capacity, max(1, gb // shards))
+        found = search_batch(s, capacity, max(1, gb // shards))
+        report["max_per_chip_batch"] = found["per_chip"]
+        report["max_global_batch"] = found["global"]
     return report
 
 
