@@ -68,9 +68,9 @@ def _by_platform(name: str):
     tpu, gpu = getattr(_kernels("tpu"), name), getattr(_kernels("gpu"), name)
 
     def fn(*args, **kw):
+        triton = functools.partial(gpu, **kw)  # one object: cuda and rocm share one branch
         return jax.lax.platform_dependent(
-            *args, tpu=functools.partial(tpu, **kw), cuda=functools.partial(gpu, **kw),
-            rocm=functools.partial(gpu, **kw),
+            *args, tpu=functools.partial(tpu, **kw), cuda=triton, rocm=triton,
             default=functools.partial(gpu, interpret=True, **kw))
 
     return fn
