@@ -36,9 +36,9 @@ def recipe(name: str) -> str:
 
 def rows() -> list[tuple[str, str, str]]:
     """(recipe, topology, attention_impl or ''), most informative first: one row per model
-    size on v5e (the smallest HBM), the multi-host row, then the rest."""
-    out = [("deepvit_16b", "v5e-8", ""), ("deepvit_l_384", "v5e-8", ""),
-           ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
+    size on v5e (the smallest HBM) and multi-host rows, then the rest."""
+    out = [("deepvit_16b", "v5e-8", ""), ("deepvit_16b", "v4-32", ""),
+           ("deepvit_l_384", "v5e-8", ""), ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
            ("deepvit_16b", "v4-8", ""), ("deepvit_32b", "v5e-8", "")]
     for name in ["deepvit_16b", "deepvit_l_384"]:
         for impl in ["reference", "xla", "pallas"]:

@@ -476,6 +476,9 @@ def _run() -> None:
     if f["num_slices"] < 1:
         raise ConfigError(f"--num-slices={f['num_slices']}: must be at least 1")
     prepare_host()
+    # A compile-only TPU executable cannot be read back from JAX's persistent cache (no
+    # client to load it into): compile afresh, and time the compile itself.
+    jax.config.update("jax_enable_compilation_cache", False)
     r = compile_report(f["config"], f["topology"], num_slices=f["num_slices"],
                        search=f["search"], num_classes=f["num_classes"],
                        num_train=f["num_train"], config_name=_config_arg())
