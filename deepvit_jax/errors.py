@@ -9,7 +9,8 @@ status of :func:`exit_code`:
 ====  ===================================================================================
 0     done (or preempted: a checkpoint was saved, run the same command again to resume)
 1     training stopped on a NaN/inf loss or non-finite parameters
-2     bad config or input (a config field, a file, a folder, a dataset)
+2     bad config or input (a config field, a file, a folder, a dataset; ``aot``: the step
+      does not fit in the chips' HBM)
 3     the workdir, or an output, is in use by another command (its lock file is named)
 4     an I/O error (disk full, permission denied, storage unreachable)
 130   interrupted twice (SIGINT / SIGTERM again while saving): nothing more was saved
@@ -109,6 +110,11 @@ class ConversionError(InputError):
 
 class EmptySplitError(InputError):
     """An image-folder split without a single decodable image."""
+
+
+class DoesNotFitError(ConfigError):
+    """``deepvit_jax.aot``: the compiled step needs more HBM per chip than the topology has;
+    the message holds the numbers and the settings that lower them."""
 
 
 class StorageError(DeepViTError):

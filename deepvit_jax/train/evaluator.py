@@ -97,6 +97,17 @@ class Evaluator:
         return out
 
 
+def jit_eval_step(model_def, mesh, state_shardings, rest_shardings):
+    """``step.make_eval_step`` jitted with a run's shardings (``state_shardings``: a
+    TrainState of shardings): the evaluator's step, and what ``deepvit_jax.aot`` compiles."""
+    data_sh = parallel.batch_sharding(mesh)
+    return jax.jit(
+        step_lib.make_eval_step(model_def),
+        in_shardings=(state_shardings.params, state_shardings.batch_stats, rest_shardings,
+                      {"image": data_sh, "label": data_sh, "mask": data_sh}),
+        out_shardings=parallel.replicated(mesh))
+
+
 def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
                    recal_batch_size: int, state_shardings, rest, rest_shardings,
                    augment_fn: Callable | None = None) -> Evaluator:
@@ -108,11 +119,7 @@ def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
     applied to the re-estimation batches as the train step applies it."""
     data_sh = parallel.batch_sharding(mesh)
     spec = pipeline.ImageSpec.of(model_def.config)
-    eval_step = jax.jit(
-        step_lib.make_eval_step(model_def),
-        in_shardings=(state_shardings.params, state_shardings.batch_stats, rest_shardings,
-                      {"image": data_sh, "label": data_sh, "mask": data_sh}),
-        out_shardings=parallel.replicated(mesh))
+    eval_step = jit_eval_step(model_def, mesh, state_shardings, rest_shardings)
     eval_batches = pipeline.make_eval_iterator(
         config.data, global_batch_size=eval_batch_size, spec=spec, sharding=data_sh,
         dataset=dataset)

@@ -56,18 +56,66 @@ def model_config(config, num_classes: int) -> ModelConfig:
         raise ConfigError(f"config.model: {e}") from None
 
 
-def _batch_size(config, field: str, value: int, mesh, num_train: int) -> int:
-    """``value`` if the mesh and the processes can split it and the split holds it."""
+def _batch_size(config, field: str, value: int, mesh, num_train: int,
+                processes: int | None = None) -> int:
+    """``value`` if the mesh and the processes (default: this run's) can split it and the
+    split holds it."""
     shards = parallel.batch_size_per_shard(mesh)
-    if value % shards or value % jax.process_count():
+    processes = jax.process_count() if processes is None else processes
+    if value % shards or value % processes:
         raise ConfigError(
             f"config.{field}={value} cannot be split over the mesh: it must be a multiple of "
             f"data x fsdp = {shards} (mesh {dict(mesh.shape)}) and of the process count "
-            f"{jax.process_count()}")
+            f"{processes}")
     if field != "eval.batch_size" and value > num_train:
         raise ConfigError(f"config.{field}={value} is larger than the {num_train} training "
                           f"images of {config.data.dataset!r}")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a config compiles to, before any array exists: the model graph, the optimizer,
+    the abstract initial state with its shardings, and the jitted train step. The training
+    loop (:func:`setup`) and the ahead-of-time compiler (``deepvit_jax.aot``) both build it
+    with :func:`make_program`, so both compile the same step with the same shardings."""
+
+    model_def: state_lib.ModelDef
+    tx: Any
+    schedule: Any
+    init_fn: Callable  # () -> (TrainState, rest): the initial state; jit it to materialise
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    abstract_rest: Any
+    state_sh: Any  # TrainState of NamedShardings
+    rest_sh: Any
+    batch_sh: dict  # {'image', 'label'}: the train batch's shardings
+    augment_fn: Callable | None  # the on-device augmentation (None: the host does it all)
+    train_step: Callable  # jax.jit(train step, shardings, donation): (state, rest, batch)
+
+
+def make_program(config, mcfg: ModelConfig, mesh, length: config_lib.RunLength) -> Program:
+    """The train step of ``config`` on ``mesh`` (see :class:`Program`)."""
+    schedule = step_lib.make_schedule(config.optim, length)
+    tx = step_lib.make_optimizer(config.optim, schedule)
+    model_def = state_lib.make_model_def(mcfg)
+
+    def init_fn():
+        return state_lib.init_state(mcfg, tx, config.seed, ema=config.ema_decay > 0)
+
+    abstract_state, abstract_rest = jax.eval_shape(init_fn)
+    state_sh = parallel.tree_shardings(abstract_state, mesh)
+    rest_sh = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_rest)
+    # The on-device augmentation, built once: the train step and BatchNorm re-estimation.
+    augment_fn = make_device_augment(config.data, image_size=mcfg.image_size, mean=mcfg.mean,
+                                     std=mcfg.std)
+    data_sh = parallel.batch_sharding(mesh)
+    batch_sh = {"image": data_sh, "label": data_sh}
+    train_step = jax.jit(
+        step_lib.make_train_step(model_def, tx, schedule, config, augment_fn=augment_fn),
+        in_shardings=(state_sh, rest_sh, batch_sh),
+        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+    return Program(model_def, tx, schedule, init_fn, abstract_state, abstract_rest, state_sh,
+                   rest_sh, batch_sh, augment_fn, train_step)
 
 
 @dataclasses.dataclass
@@ -128,28 +176,15 @@ def setup(config, workdir: str, *, mesh=None) -> Run:
                                         allowed=config_lib.RESUMABLE_FIELDS)
     data_sh = parallel.batch_sharding(mesh)
     train_iter = _train_iterator(config, batch_size, mcfg, data_sh, dataset)
-    schedule = step_lib.make_schedule(config.optim, length)
-    tx = step_lib.make_optimizer(config.optim, schedule)
-    model_def = state_lib.make_model_def(mcfg)
-
-    def init_fn():
-        return state_lib.init_state(mcfg, tx, config.seed, ema=config.ema_decay > 0)
-
-    abstract_state, abstract_rest = jax.eval_shape(init_fn)
-    state_sh = parallel.tree_shardings(abstract_state, mesh)
-    rest_sh = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_rest)
-    state, rest = jax.jit(init_fn, out_shardings=(state_sh, rest_sh))()
+    prog = make_program(config, mcfg, mesh, length)
+    model_def, tx, state_sh, rest_sh = prog.model_def, prog.tx, prog.state_sh, prog.rest_sh
+    abstract_state = prog.abstract_state
+    state, rest = jax.jit(prog.init_fn, out_shardings=(state_sh, rest_sh))()
 
     state, latest, eval_pending = _restore_or_init(config, ckpt, meta, state, train_iter, tx,
                                                    workdir_lib.abstract_like(abstract_state,
                                                                              state_sh), state_sh)
-    # The on-device augmentation, built once: the train step and BatchNorm re-estimation.
-    augment_fn = make_device_augment(config.data, image_size=mcfg.image_size, mean=mcfg.mean,
-                                     std=mcfg.std)
-    train_step = jax.jit(
-        step_lib.make_train_step(model_def, tx, schedule, config, augment_fn=augment_fn),
-        in_shardings=(state_sh, rest_sh, {"image": data_sh, "label": data_sh}),
-        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+    train_step, augment_fn = prog.train_step, prog.augment_fn
     evaluator = evaluator_lib.make_evaluator(
         config, model_def=model_def, dataset=dataset, mesh=mesh, eval_batch_size=eval_bs,
         recal_batch_size=recal_bs, state_shardings=state_sh, rest=rest, rest_shardings=rest_sh,

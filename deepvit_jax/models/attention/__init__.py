@@ -51,21 +51,35 @@ def resolve(impl: str, backend: str | None = None) -> str:
     return "xla"
 
 
-def pallas_passes() -> Passes:
-    """The Pallas kernels of the attention contract (``pallas_gpu.py`` / ``pallas_tpu.py``),
-    imported on first use. On CPU: the GPU kernel code under the Pallas interpreter (slow;
-    for tests)."""
-    backend = jax.default_backend()
-    name = {"cpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+def _kernels(platform: str):
     try:
-        mod = importlib.import_module(f"deepvit_jax.models.attention.pallas_{name}")
+        return importlib.import_module(f"deepvit_jax.models.attention.pallas_{platform}")
     except ImportError as e:
         raise ValueError(f"ModelConfig.attention_impl='pallas': no Pallas attention kernels "
-                         f"for backend {backend!r} ({e}); use attention_impl='xla'") from None
-    fns = [getattr(mod, f) for f in PASS_NAMES]
-    if backend == "cpu":
-        fns = [functools.partial(f, interpret=True) for f in fns]
-    return Passes(*fns)
+                         f"for {platform!r} ({e}); use attention_impl='xla'") from None
+
+
+def _by_platform(name: str):
+    """Pass ``name`` with its kernel chosen by the platform the program is *lowered for*
+    (``jax.lax.platform_dependent``), not by the host's default backend: a TPU program
+    compiled ahead of time on a CPU host (``deepvit_jax.aot``) gets the Mosaic kernels, a
+    CUDA/ROCm one the Triton kernels, a CPU one the GPU kernel code in Pallas interpret mode
+    (slow; for tests). Every branch is traced; only the target platform's is lowered."""
+    tpu, gpu = getattr(_kernels("tpu"), name), getattr(_kernels("gpu"), name)
+
+    def fn(*args, **kw):
+        triton = functools.partial(gpu, **kw)  # one object: cuda and rocm share one branch
+        return jax.lax.platform_dependent(
+            *args, tpu=functools.partial(tpu, **kw), cuda=triton, rocm=triton,
+            default=functools.partial(gpu, interpret=True, **kw))
+
+    return fn
+
+
+def pallas_passes() -> Passes:
+    """The Pallas kernels of the attention contract (``pallas_gpu.py`` / ``pallas_tpu.py``),
+    imported on first use and chosen per lowering platform (:func:`_by_platform`)."""
+    return Passes(*(_by_platform(f) for f in PASS_NAMES))
 
 
 def _batch_axes(mesh) -> tuple[str, ...]:

@@ -181,9 +181,18 @@ def _check(name, q, k, v=None, lse=None, dout=None, mats=()):
 # In-kernel helpers (2-D tiles only)
 
 
+def _precision(x):
+    """16-bit tiles: DEFAULT, explicitly. A bf16 x bf16 product accumulated in float32 is
+    exact in one MXU pass, and Mosaic rejects a bf16 matmul at float32 contract precision
+    ("Bad lhs type"), which a global ``jax_default_matmul_precision='highest'`` would ask
+    for. Float32 tiles: None, the configured precision."""
+    return lax.Precision.DEFAULT if x.dtype.itemsize < 4 else None
+
+
 def _logits(q_tile, k_tile, scale):
     """scale * q k^T in float32: (bq, D) x (bk, D) -> (bq, bk)."""
-    s = lax.dot_general(q_tile, k_tile, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+    s = lax.dot_general(q_tile, k_tile, (((1,), (1,)), ((), ())), preferred_element_type=F32,
+                        precision=_precision(q_tile))
     return s * scale
 
 
@@ -195,7 +204,8 @@ def _tn(a, b):
 
 def _nn(a, b):
     """a b in float32: (bq, bk) x (bk, D) -> (bq, D)."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32,
+                           precision=_precision(a))
 
 
 def _valid(q_start, k_start, bq, bk, n):

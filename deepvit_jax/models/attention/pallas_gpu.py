@@ -1,7 +1,9 @@
 """The Re-attention passes as Pallas kernels for GPU (Triton lowering of jax.experimental.pallas).
 
-The dispatcher (``deepvit_jax.models.attention.pallas_passes``) imports this module on a
-gpu backend and calls the contract's four functions, named as in ``xla.py``:
+The dispatcher (``deepvit_jax.models.attention.pallas_passes``) imports this module and, in
+a program lowered for CUDA / ROCm (and, in
+interpret mode, for CPU) (``jax.lax.platform_dependent``), calls the contract's four
+functions, named as in ``xla.py``:
 
     reattn_stats(q, k, *, scale)                                  -> (lse, gram)
     reattn_apply(q, k, v, lse, mix, shift, *, scale)              -> out

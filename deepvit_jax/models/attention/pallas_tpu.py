@@ -1,7 +1,8 @@
 """The Re-attention passes as Pallas kernels for TPU (Mosaic lowering, jax.experimental.pallas.tpu).
 
-The dispatcher (``deepvit_jax.models.attention.pallas_passes``) imports this module on a
-tpu backend and calls the contract's four functions, named as in ``xla.py``:
+The dispatcher (``deepvit_jax.models.attention.pallas_passes``) imports this module and, in
+a program lowered for TPU (``jax.lax.platform_dependent``), calls the contract's four
+functions, named as in ``xla.py``:
 
     reattn_stats(q, k, *, scale)                                  -> (lse, gram)
     reattn_apply(q, k, v, lse, mix, shift, *, scale)              -> out

@@ -1,0 +1,148 @@
+"""Compile the ImageNet recipes for TPU topologies without a TPU (``deepvit_jax.aot``) and
+collect the reports in ``benchmarks/results/aot_tpu.json`` (the README's TPU table).
+
+    python benchmarks/aot_table.py                 # every row not yet in the JSON
+    python benchmarks/aot_table.py --rows 4        # the first 4 missing rows
+    python benchmarks/aot_table.py --markdown      # the README table from the JSON
+
+Each row is one ``python -m deepvit_jax.aot --config ... --topology ... --json`` in its own
+process (a recipe that does not fit exits 2 and still writes its report). The JSON is
+rewritten after every row, so a cut-short run keeps what it compiled; it names the libtpu and
+jax versions and the machine that compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "results", "aot_tpu.json")
+
+I1K = ["deepvit_16b", "deepvit_24b", "deepvit_32b", "vit_16b", "vit_24b", "vit_32b",
+       "deepvit_s", "deepvit_l"]
+TOPOLOGIES = ["v5e-8", "v4-8", "v5p-8", "v6e-8"]
+
+
+def recipe(name: str) -> str:
+    return f"i1k_ft384:{name}" if name == "deepvit_l_384" else f"i1k:{name}"
+
+
+def rows() -> list[tuple[str, str, str]]:
+    """(recipe, topology, attention_impl or ''), most informative first: one row per model
+    size on v5e (the smallest HBM) and multi-host rows, then the rest."""
+    out = [("deepvit_16b", "v5e-8", ""), ("deepvit_16b", "v4-32", ""),
+           ("deepvit_l_384", "v5e-8", ""), ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
+           ("deepvit_16b", "v4-8", ""), ("deepvit_32b", "v5e-8", "")]
+    for name in ["deepvit_16b", "deepvit_l_384"]:
+        for impl in ["reference", "xla", "pallas"]:
+            out.append((name, "v5e-8", impl))
+    for topo in TOPOLOGIES:
+        for name in [*I1K, "deepvit_l_384"]:
+            if (name, topo, "") not in out:
+                out.append((name, topo, ""))
+    return out
+
+
+def key(name, topo, impl) -> str:
+    return f"{name}@{topo}" + (f"/{impl}" if impl else "")
+
+
+def compile_row(name: str, topo: str, impl: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "r.json")
+        cmd = [sys.executable, "-m", "deepvit_jax.aot", "--config", recipe(name),
+               "--topology", topo, "--json", path]
+        if impl:
+            cmd.append(f"--config.model.attention_impl={impl}")
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if os.path.exists(path):
+            with open(path) as f:
+                rep = json.load(f)
+        else:
+            rep = {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        rep.update(exit_status=r.returncode, wall_s=round(wall, 1), command=" ".join(
+            ["python -m deepvit_jax.aot", *cmd[3:]]))
+        return rep
+
+
+def load() -> dict:
+    if os.path.exists(OUT):
+        with open(OUT) as f:
+            return json.load(f)
+    return {"rows": {}}
+
+
+def save(doc: dict) -> None:
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    tmp = OUT + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, OUT)
+
+
+def _gib(x) -> str:
+    return "?" if x is None else f"{x / 2**30:.1f}"
+
+
+def markdown(doc: dict) -> str:
+    lines = ["| recipe | topology | attention | global batch (per chip) | fits | train HBM/chip "
+             "GiB (args / temp) | eval HBM/chip GiB | GFLOP/image (train) | compile s | "
+             "collectives (train) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in doc["rows"].items():
+        if "train" not in r:
+            lines.append(f"| {k} | | | | error: {r.get('error', '?')} | | | | | |")
+            continue
+        t, e = r["train"], r["eval"]
+        tm = t["memory"]
+        mem = (f"{_gib(tm['total'])} ({_gib(tm.get('arguments'))} / "
+               f"{_gib(tm.get('temporaries'))})")
+        coll = ", ".join(f"{c} x{v['count']}" for c, v in sorted(t.get("collectives",
+                                                                       {}).items()))
+        flops = f"{t['flops_per_image'] / 1e9:.1f}" if "flops_per_image" in t else "?"
+        lines.append(
+            f"| {r['config']} | {r['topology']} ({r['hosts']} host{'s' if r['hosts'] > 1 else ''})"
+            f" | {r['attention_impl']} | {r['global_batch']} ({r['per_chip_batch']:g}) | "
+            f"{'yes' if r['fits'] else '**no**'} | {mem} | {_gib(e['memory']['total'])} | "
+            f"{flops} | {t['compile_s']:.0f} | {coll} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=0, help="compile at most this many rows")
+    ap.add_argument("--markdown", action="store_true", help="print the README table")
+    args = ap.parse_args()
+    doc = load()
+    if args.markdown:
+        print(markdown(doc))
+        return
+    from importlib import metadata
+
+    import jax
+
+    doc.update(libtpu=metadata.version("libtpu"), jax=jax.__version__,
+               machine=f"{platform.machine()} {platform.processor() or ''} "
+                       f"({os.cpu_count()} CPUs), compiling only: no TPU")
+    todo = [r for r in rows() if key(*r) not in doc["rows"]]
+    if args.rows:
+        todo = todo[:args.rows]
+    for name, topo, impl in todo:
+        print(f"{key(name, topo, impl)} ...", flush=True)
+        doc["rows"][key(name, topo, impl)] = rep = compile_row(name, topo, impl)
+        print(f"  exit {rep['exit_status']}, {rep['wall_s']} s, fits {rep.get('fits')}",
+              flush=True)
+        save(doc)
+
+
+if __name__ == "__main__":
+    main()

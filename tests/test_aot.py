@@ -1,0 +1,190 @@
+"""Ahead-of-time TPU compilation without a TPU (``deepvit_jax.aot``; libtpu from the ``tpu``
+extra, which CI installs): the Pallas Re-attention kernels compile through Mosaic for v4 and
+v5e inside the real train step (forward and backward, one device and a sharded mesh) and at
+the real token counts; the command's report holds consistent numbers; a program that does not
+fit and an unknown topology are one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("libtpu (the tpu extra) is Linux x86-64 only", allow_module_level=True)
+
+import jax
+import jax.numpy as jnp
+
+from deepvit_jax import aot
+
+aot.prepare_host()
+
+# A tiny DeepViT: 2 Re-attention blocks, 16x16 px in 8x8 patches (5 tokens), 4 heads of 16.
+TINY = {"model.image_size": 16, "model.patch_size": 8, "model.embed_dim": 64,
+        "model.depth": 2, "model.num_heads": 4, "model.reattn_blocks": (0, 1)}
+FORWARD_KERNELS = ("reattn_stats", "reattn_apply")
+BACKWARD_KERNELS = ("reattn_bwd_stats", "reattn_bwd_dq", "reattn_bwd_dkv")
+
+
+def _config(batch: int, **overrides):
+    from deepvit_jax.configs import default
+
+    c = default.get_config()
+    with c.unlocked():
+        for key, value in {**TINY, "batch_size": batch, **overrides}.items():
+            node = c
+            *path, leaf = key.split(".")
+            for p in path:
+                node = node[p]
+            node[leaf] = value
+    return c
+
+
+def _custom_calls(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+
+
+@pytest.mark.parametrize("topology", ["v5e-1", "v4-8"])
+def test_pallas_train_step_compiles_through_mosaic(topology):
+    """attention_impl='pallas' in the training loop's own train step, compiled for a TPU from
+    this CPU host: the compiled program calls the Mosaic kernels of the forward and the
+    backward passes (not the GPU code in interpret mode, the host's choice), on one v5e chip
+    and on a v4-8 mesh that splits the batch 4 ways (per-shard kernels, H x H statistics
+    all-reduced)."""
+    devices = aot.topology_devices(aot.topology(topology))
+    s = aot.build(_config(8 * len(devices), **{"model.attention_impl": "pallas"}), devices)
+    compiled = aot.lower_train(s, 8 * len(devices)).compile()
+    hlo = compiled.as_text()
+    calls = _custom_calls(hlo)
+    assert calls, "no Mosaic kernel in the compiled TPU program"
+    text = "\n".join(calls)
+    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
+        assert name in text, name
+    # 2 blocks x (2 forward + 3 backward) kernels (the forward may be recomputed, not fewer).
+    assert len(calls) >= 2 * 5
+    assert "interpret" not in text
+    if len(devices) > 1:
+        assert s.mesh.shape["data"] == len(devices)
+        assert "all-reduce" in aot.collectives(hlo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [197, 577])
+def test_pallas_kernels_at_real_token_counts(n):
+    """The Re-attention VJP (folded.py's four passes, Pallas) at DeepViT-S's head shape (12
+    heads of 33, bf16) and the token counts of 224 px (197) and 384 px (577): forward and
+    backward compile through Mosaic for a v5e chip (block shapes padded to (8, 128) tiles)."""
+    from deepvit_jax.models.attention import folded, pallas_passes
+
+    dev = aot.topology_devices(aot.topology("v5e-1"))[0]
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    h, d = 12, 33
+    x = jax.ShapeDtypeStruct((2, h, n, d), jnp.bfloat16, sharding=sh)
+    w = jax.ShapeDtypeStruct((h, h), jnp.float32, sharding=sh)
+    vec = jax.ShapeDtypeStruct((h,), jnp.float32, sharding=sh)
+
+    def loss(q, k, v, w, gamma, beta):
+        out, var = folded.reattention_train(pallas_passes(), d**-0.5, 1e-5, q, k, v, w,
+                                            gamma, beta)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(var)
+
+    # value_and_grad: the forward's output stays live (grad alone lets XLA drop F2).
+    grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+    text = "\n".join(_custom_calls(grad.trace(x, x, x, w, vec, vec).lower().compile()
+                                   .as_text()))
+    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
+        assert name in text, name
+
+
+def _run_aot(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "deepvit_jax.aot", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _flags():
+    return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+            for k, v in TINY.items()]
+
+
+def _estimate_train_flops_per_image(report) -> float:
+    """Forward matmul FLOPs of the tiny model counted by hand (2 x MACs), x3 for training
+    (forward + backward's two products)."""
+    dim, depth, heads = 64, 2, 4
+    tokens = (16 // 8) ** 2 + 1
+    patch = 2 * (16 // 8) ** 2 * (8 * 8 * 3) * dim
+    per_block = 2 * tokens * (dim * 3 * dim + dim * dim + 2 * dim * 4 * dim)  # qkv, proj, mlp
+    attention = 2 * 2 * heads * tokens * tokens * (dim // heads)  # q k^T and a v
+    reattn = 2 * heads * heads * tokens * tokens  # the H x H head mixing
+    head = 2 * dim * 10
+    return 3 * (patch + depth * (per_block + attention + reattn) + head)
+
+
+def test_command_reports_a_tiny_config(tmp_path):
+    """``python -m deepvit_jax.aot`` on the digits recipe shrunk to 2 blocks, v5e-4 (the
+    batch split 4 ways): exit 0, the JSON holds per-chip memory whose total is its parts, the
+    train step's FLOPs within 2x of a count by hand, and the gradient all-reduce carrying at
+    least the parameters' bytes."""
+    out = tmp_path / "report.json"
+    r = _run_aot("--config", "default", "--topology", "v5e-4", "--json", str(out),
+                 "--config.batch_size=32", *_flags())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train: fits" in r.stdout and "eval: fits" in r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["devices"] == 4 and rep["mesh"]["data"] == 4 and rep["fits"] is True
+    assert rep["per_chip_batch"] == 8 and rep["libtpu"]
+    for step in ("train", "eval"):
+        m = rep[step]["memory"]
+        assert m["total"] == (m["arguments"] + m["outputs"] + m["temporaries"]
+                              + m["generated_code"] - m["aliased"])
+        assert 0 < m["total"] < m["capacity"] == 16 * 2**30
+    want = _estimate_train_flops_per_image(rep)
+    got = rep["train"]["flops_per_image"]
+    assert want / 2 < got < 2 * want, (got, want)
+    assert rep["eval"]["flops_per_image"] < got
+    # Data parallelism: the gradients (>= the parameters' float32 bytes) are all-reduced.
+    params = aot.build(_config(32), jax.devices()[:1]).prog.abstract_state.params
+    nbytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+    assert rep["train"]["collectives"]["all-reduce"]["bytes"] >= nbytes
+
+
+def test_not_fitting_is_one_line_with_the_numbers(tmp_path):
+    """A tiny model at 2^20 images per chip does not fit in a v5e chip's 16 GiB: exit 2, one
+    line naming the memory needed and the settings that lower it; the JSON says so."""
+    out = tmp_path / "report.json"
+    r = _run_aot("--config", "default", "--topology", "v5e-1", "--json", str(out),
+                 f"--config.batch_size={2**20}", f"--num-train={2**21}", *_flags())
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "does not fit on v5e-1" in err[0], r.stderr[-3000:]
+    assert "GiB per chip" in err[0] and "grad_accum_steps" in err[0]
+    rep = json.loads(out.read_text())
+    assert rep["fits"] is False and rep["train"]["fits"] is False
+    assert rep["train"]["memory"]["total"] > 16 * 2**30
+
+
+def test_unknown_topology_lists_the_known_ones():
+    r = _run_aot("--config", "default", "--topology", "v9-8", timeout=120)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: --topology 'v9-8' is unknown; known: v4-8")
+    assert "v5e-8" in err[-1] and "v6e-8" in err[-1] and "Traceback" not in r.stderr
+
+
+def test_no_libtpu_names_the_install_command(monkeypatch):
+    from importlib import metadata
+
+    from deepvit_jax.errors import InputError
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    with pytest.raises(InputError, match=r"pip install 'deepvit-jax\[tpu\]'"):
+        aot.libtpu_version()
