@@ -14,6 +14,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from deepvit_jax.errors import OutputInUseError
+
 
 def path_str(path, sep: str = "/") -> str:
     """The keys of a pytree path (``jax.tree_util`` keys or a plain tuple) joined by ``sep``;
@@ -120,8 +122,6 @@ def _take_lock(path: epath.Path) -> int:
     import socket
     import time
 
-    from deepvit_jax.errors import OutputInUseError
-
     lock = os.fspath(path) + LOCK_SUFFIX
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     for _ in range(20):
@@ -183,8 +183,6 @@ def claim_output(path: str | os.PathLike, *, primary: bool = True,
     ``save_model`` again when writing). Only the ``primary`` process takes the lock; with
     ``collective`` (every process calls this, a multi-process model save) all learn its
     outcome. Yields a token (12 hex digits) that names this write's temporary files."""
-    from deepvit_jax.errors import OutputInUseError
-
     path = as_path(path)
     key = os.fspath(path)
     held = _held()

@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 
 from deepvit_jax import parallel
 from deepvit_jax.errors import ConfigError, InputError, WorkdirLockedError
-from deepvit_jax.utils import _exists, as_path, flatten_dict, is_local
+from deepvit_jax.utils import _exists, as_path, atomic_output, flatten_dict, is_local
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,6 @@ def check_fresh_workdir(workdir, config_json: dict, *, overwrite: bool, allowed)
     if found:
         raise ConfigError(message)
     if jax.process_index() == 0:
-        from deepvit_jax.utils import atomic_output
-
         as_path(workdir).mkdir(parents=True, exist_ok=True)
         with atomic_output(as_path(workdir) / RUN_CONFIG) as tmp, as_path(tmp).open("w") as f:
             json.dump(config_json, f, indent=1)

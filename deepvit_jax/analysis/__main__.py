@@ -37,6 +37,7 @@ from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint
 from deepvit_jax.analysis.collect import collect_maps
 from deepvit_jax.analysis.plots import plot_attention, plot_similarity
 from deepvit_jax.errors import ConfigError
+from deepvit_jax.utils import claim_output
 
 
 def _label(path: str, step: int | None, kind: str) -> str:
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _claimed(args) -> None:
     """``--out`` is claimed for the whole run: a second analysis writing it exits 3."""
-    from deepvit_jax.utils import claim_output
-
     with claim_output(cli.check_output(args.out, args.checkpoint, flag="--out")):
         _run(args)
 

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from deepvit_jax.errors import InputError
+
 _METHODS = {
     "bicubic": tf.image.ResizeMethod.BICUBIC,
     "bilinear": tf.image.ResizeMethod.BILINEAR,
@@ -92,8 +94,6 @@ def check_image_pixels(data: bytes, name: str, max_pixels: int | None = DEFAULT_
         return
     size = image_dimensions(data)
     if size is not None and size[0] * size[1] > max_pixels:
-        from deepvit_jax.errors import InputError
-
         w, h = size
         raise InputError(f"{name}: {w}x{h} = {w * h:,} pixels is above the limit of "
                          f"{max_pixels:,} (a decompression bomb?); if you trust the file, "

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from deepvit_jax.errors import DatasetNotPreparedError, EmptySplitError
+from deepvit_jax.data.preprocess import DEFAULT_MAX_PIXELS, check_image_pixels
+from deepvit_jax.errors import DatasetNotPreparedError, EmptySplitError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,6 @@ def read_image_bytes(path, max_pixels: int | None = None) -> bytes | None:
     or its header declares more than ``max_pixels`` pixels (default: PIL's
     decompression-bomb limit, ``preprocess.DEFAULT_MAX_PIXELS``; 0: no limit)."""
     from PIL import Image, UnidentifiedImageError
-
-    from deepvit_jax.data.preprocess import DEFAULT_MAX_PIXELS, check_image_pixels
-    from deepvit_jax.errors import InputError
 
     data = Path(path).read_bytes()
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
