@@ -49,6 +49,40 @@ def _not_a_duplicate(record: logging.LogRecord) -> bool:
     return True
 
 
+def _closed_loop_echo(unraisable) -> bool:
+    """``Event loop is closed`` raised in ``asyncio``'s ``call_soon_threadsafe``, reported
+    as unraisable from a C++ thread: TensorStore prints one per write still in flight when
+    Orbax's save fails (a full disk). Orbax runs the save in its own event loop and closes
+    it at the first failed write (``asyncio_utils.run_sync``); the other writes'
+    completion callbacks then find it closed. The failure itself is raised where the run
+    waits for the save and is reported as the command's one error line."""
+    if unraisable.exc_type is not RuntimeError or unraisable.object is not None:
+        return False
+    if str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    tb, names = unraisable.exc_traceback, []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        names.append((os.path.basename(code.co_filename), code.co_name))
+        tb = tb.tb_next
+    return bool(names) and names[0] == ("base_events.py", "call_soon_threadsafe")
+
+
+def quiet_closed_loop_echoes() -> None:
+    """Drop :func:`_closed_loop_echo` reports; every other unraisable exception goes to
+    the hook that was there (Python's default prints it). Installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_deepvit", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop_echo(unraisable):
+            previous(unraisable)
+
+    hook._deepvit = True
+    sys.unraisablehook = hook
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """stderr through ``tqdm.write``, so a log line never breaks a progress bar (what
     ``tqdm.contrib.logging.logging_redirect_tqdm`` does, but that handler drops the level and
@@ -113,6 +147,7 @@ def setup_console(verbose: bool = False, *, quiet: bool = False,
     notes on opening a checkpoint read-only are not a reader's concern)."""
     from absl import logging as absl_logging
 
+    quiet_closed_loop_echoes()
     root = logging.getLogger()
     for h in list(root.handlers):
         if not isinstance(h, LogFile):

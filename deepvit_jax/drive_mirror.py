@@ -58,6 +58,7 @@ class DriveMirror:
         self.min_interval_s, self.poll_s, self.verbose = min_interval_s, poll_s, verbose
         self.mirrored_step: int | None = None
         self.bytes_written = 0  # to the remote workdir, all files
+        self.checkpoint_bytes_written = 0  # of which checkpoints
         self._last = -float("inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,8 +105,9 @@ class DriveMirror:
             if steps and steps[-1] != self.mirrored_step and due:
                 remote_ckpts = self.remote / "checkpoints"
                 remote_ckpts.mkdir(parents=True, exist_ok=True)
-                self.bytes_written += self._copy_step(self.local / "checkpoints",
-                                                      remote_ckpts, steps[-1])
+                n = self._copy_step(self.local / "checkpoints", remote_ckpts, steps[-1])
+                self.bytes_written += n
+                self.checkpoint_bytes_written += n
                 for old in _steps(remote_ckpts):
                     if old != steps[-1]:
                         shutil.rmtree(remote_ckpts / str(old), ignore_errors=True)

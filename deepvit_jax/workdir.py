@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -479,14 +480,23 @@ class WorkdirLock:
             if _exists(self.path):
                 raw = self._read()
                 raise self._in_use(raw, self._parse(raw), self._age())
-        self.path.write_text(text)
         # No exclusive create on an object store: of the runs that wrote within SETTLE_S,
-        # the last write is the one read back, and only its run keeps the lock.
-        time.sleep(self.SETTLE_S)
-        raw = self._read()
-        if raw != text:
-            raise self._in_use(raw, self._parse(raw), self._age())
-        self.held = True
+        # the last write is the one read back, and only its run keeps the lock. A read-back
+        # that finds no record at all (a late take-over moved ours aside, or a write in
+        # flight is seen empty) says nothing of who won: write again, so that a round of
+        # simultaneous take-overs never ends with every run refused.
+        for attempt in range(3):
+            self.path.write_text(text)
+            time.sleep(self.SETTLE_S * (1 + random.random() * attempt))
+            raw = self._read()
+            if raw == text:
+                self.held = True
+                return
+            if raw.strip():
+                break  # another run's record (or one being written): that run keeps it
+            log.info("workdir lock %s: the record written was gone when read back; "
+                     "writing it again", self.path)
+        raise self._in_use(raw, self._parse(raw), self._age())
 
     def _read(self) -> str:
         try:

@@ -30,6 +30,42 @@ def data_dir(tmp_path_factory):
     return cfg.data_dir
 
 
+@pytest.fixture
+def ram_scheme(monkeypatch):
+    """``ram://`` (TensorFlow's in-memory filesystem) routed through etils.epath's
+    tf.io.gfile backend, as ``gs://`` is: paths that no os.path call can handle.
+
+    An object store replaces an object on each write; TensorFlow's RAM filesystem appends
+    when a file is opened for writing again. ``write_text`` / ``write_bytes`` on ``ram://``
+    therefore write a new file and rename it over the old one (one atomic step there), as
+    an object write is."""
+    import uuid
+
+    import tensorflow as tf
+    from etils.epath import backend, gpath, register
+
+    monkeypatch.setattr(gpath, "_URI_PREFIXES", (*gpath._URI_PREFIXES, "ram://"))
+    monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+    monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+    monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+
+    def replacing(write):
+        def replace(self, data, *args, **kwargs):
+            if not str(self).startswith("ram://"):
+                return write(self, data, *args, **kwargs)
+            tmp = type(self)(f"{self}.new-{uuid.uuid4().hex}")
+            n = write(tmp, data, *args, **kwargs)
+            tf.io.gfile.rename(str(tmp), str(self), overwrite=True)
+            return n
+        return replace
+
+    monkeypatch.setattr(gpath.PosixGPath, "write_text", replacing(gpath.PosixGPath.write_text))
+    monkeypatch.setattr(gpath.PosixGPath, "write_bytes",
+                        replacing(gpath.PosixGPath.write_bytes))
+    yield f"ram://bucket-{uuid.uuid4().hex[:8]}/run"
+
+
 @pytest.fixture(autouse=True)
 def _highest_matmul_precision():
     """Parity tests compare with PyTorch at 1e-5: use full-precision matmuls on any backend."""

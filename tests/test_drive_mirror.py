@@ -55,8 +55,10 @@ def test_new_runtime_resumes_exactly_from_the_mirrored_drive_workdir(tmp_path, d
     assert step == 6 and sorted(p.name for p in (drive / "checkpoints").iterdir()) == ["6"]
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=f"resumed from Drive: {k}")
-    # With min_interval_s past the run, Drive got one checkpoint (at the end), not one per
-    # checkpoint.every_steps: 1 instead of 1 (step 6) of the 2 steps 4..6 saved locally.
-    assert per_ckpt < mirror.bytes_written < 2 * per_ckpt
+    # With min_interval_s past the run, Drive got one checkpoint, at the end (step 6), and
+    # not again the step 4 it came from. (The small run files are copied whenever they
+    # change: their bytes depend on the run's speed.)
+    assert mirror.checkpoint_bytes_written == _tree_bytes(drive / "checkpoints" / "6")
+    assert mirror.checkpoint_bytes_written < 1.5 * per_ckpt
     print(f"\nbytes per checkpoint {per_ckpt}; runtime 2 wrote {mirror.bytes_written} to Drive "
           f"for 2 local checkpoints (direct Orbax on Drive: {2 * per_ckpt}+)")

@@ -342,22 +342,6 @@ def test_truncated_metrics_and_tensorboard_on_resume(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ram_scheme(monkeypatch):
-    """``ram://`` (TensorFlow's in-memory filesystem) routed through etils.epath's
-    tf.io.gfile backend, as ``gs://`` is: paths that no os.path call can handle."""
-    from etils.epath import backend, gpath, register
-
-    monkeypatch.setattr(gpath, "_URI_PREFIXES", (*gpath._URI_PREFIXES, "ram://"))
-    monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
-    monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
-    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
-    monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
-    import uuid
-
-    yield f"ram://bucket-{uuid.uuid4().hex[:8]}/run"
-
-
 def test_run_files_on_a_non_local_filesystem(ram_scheme, tmp_path, monkeypatch):
     import tensorflow as tf
 

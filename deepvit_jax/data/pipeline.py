@@ -322,6 +322,7 @@ class HostTrainStream:
         self.augment = aug_lib.make_train_augment(data_cfg, image_size=self.image_size,
                                                   mean=self.mean, std=self.std)
         self._cached = None
+        self._example = None
         self.epoch, self.position = 0, 0
         self._it = None
         self._next = None    # (epoch, Future of its iterator) built in the background
@@ -375,20 +376,31 @@ class HostTrainStream:
             ds = ds.filter(lambda i, ex: (i // local) % count == k)
         words = _seed_words(self.seed, epoch, self._read[0], 3)
         base = tf.constant([words[0] % (2**62), words[1] % (2**62)], tf.int64)
-        augment = self.augment
-
-        def fn(i, ex):
-            encoded, label = ex
-            seed = base + tf.stack([tf.constant(0, tf.int64), i])
-            return {"image": augment(encoded, seed), "label": tf.cast(label, tf.int32),
-                    "index": i}
-
-        ds = ds.map(fn, num_parallel_calls=int(self.cfg.num_parallel_calls))
+        example = self._example_fn()
+        ds = ds.map(lambda i, ex: example(i, ex[0], ex[1], base),
+                    num_parallel_calls=int(self.cfg.num_parallel_calls))
         # An image that fails to decode is dropped here and found below (its number is
         # missing from the batch), instead of ending the stream with a bare TF error.
         ds = ds.ignore_errors()
         ds = ds.batch(local, drop_remainder=True)
         return ds.prefetch(max(1, int(self.cfg.prefetch_batches)))
+
+    def _example_fn(self):
+        """The per-example decode + augmentation as one ``tf.function``, traced once: every
+        epoch, resume and rewind (the BatchNorm re-estimation batches before each
+        evaluation) builds a new dataset, and tracing the augmentation again through
+        AutoGraph each time cost about a second."""
+        if self._example is None:
+            tf = _tf()
+            augment = self.augment
+
+            def example(i, encoded, label, base):
+                seed = base + tf.stack([tf.constant(0, tf.int64), i])
+                return {"image": augment(encoded, seed), "label": tf.cast(label, tf.int32),
+                        "index": i}
+
+            self._example = tf.function(example, autograph=False)  # explicit tf.cond / loops
+        return self._example
 
     def _start(self, epoch: int, position: int):
         """The epoch's batch iterator from ``position``, its first batch already pulled."""
@@ -588,6 +600,7 @@ class EvalIterable:
         self.num_batches = max(1, math.ceil(per_process / self.local_batch))
         self.spec = spec
         self.sharding = sharding
+        self._dataset = None
 
     def __len__(self):
         return self.num_batches
@@ -603,7 +616,9 @@ class EvalIterable:
                     "mask": tf.constant(1.0, tf.float32)}
 
         ds = _read(self.cfg, self.builder, self.split, shuffle_seed=None)
-        ds = ds.map(fn, num_parallel_calls=int(self.cfg.num_parallel_calls))
+        # No AutoGraph: the preprocessing is written with tf.cond (converting it took seconds).
+        ds = ds.map(tf.function(fn, autograph=False),
+                    num_parallel_calls=int(self.cfg.num_parallel_calls))
         ds = ds.ignore_errors(log_warning=True)
         pad = tf.data.Dataset.from_tensors({
             "image": tf.zeros((size, size, 3), tf.float32), "label": tf.constant(0, tf.int32),
@@ -615,7 +630,10 @@ class EvalIterable:
     def __iter__(self):
         expected = int(self.builder.info.splits[self.split].num_examples)
         seen = 0
-        for batch in self.host_dataset().as_numpy_iterator():
+        # Built (and its functions traced) once: every evaluation is a pass over it.
+        if self._dataset is None:
+            self._dataset = self.host_dataset()
+        for batch in self._dataset.as_numpy_iterator():
             seen += int(np.sum(batch["mask"] > 0))
             if self.sharding is None:
                 yield batch
