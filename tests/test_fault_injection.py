@@ -5,8 +5,8 @@ statistics, step) equals that of an uninterrupted run, bit for bit, and its metr
 holds each step once.
 
 The kill points are set by tests/killing_main.py (a wrapper, nothing in the product); the
-random kill hits the real CLI. The runs share a persistent compilation cache so that only
-the first one compiles.
+random kill hits the real CLI. The runs share the tests' persistent compilation cache
+(tests/conftest.py) so that only the first one compiles.
 """
 
 import json
@@ -34,13 +34,10 @@ ARGS = ["--config.model.embed_dim=16", "--config.model.depth=2", "--config.model
 
 
 
-def _env(cache, kill_at=None):
+def _env(kill_at=None):
     env = dict(os.environ)
     env.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env.pop("KILL_AT", None)
     if kill_at:
         env["KILL_AT"] = kill_at
@@ -59,15 +56,14 @@ def _rows(workdir):
 
 
 def test_sigkill_at_any_point_then_exact_completion(tmp_path, data_dir):
-    cache = tmp_path / "xla_cache"
-    ref = subprocess.run(_cmd(tmp_path / "ref", data_dir), cwd=ROOT, env=_env(cache),
+    ref = subprocess.run(_cmd(tmp_path / "ref", data_dir), cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     wd = tmp_path / "run"
     # 1-3: killed during a save, a metrics append and an evaluation.
     for kill_at in ("save:2", "metrics:3", "eval"):
         r = subprocess.run(_cmd(wd, data_dir, killing=True), cwd=ROOT,
-                           env=_env(cache, kill_at), capture_output=True, text=True,
+                           env=_env(kill_at), capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr[-3000:])
         assert (wd / "lock").exists()  # left behind: stale, taken over by the next run
@@ -77,7 +73,7 @@ def test_sigkill_at_any_point_then_exact_completion(tmp_path, data_dir):
     # 4: killed at a random moment while it trains.
     rng = random.Random(1234)
     for _ in range(1):
-        p = subprocess.Popen(_cmd(wd, data_dir), cwd=ROOT, env=_env(cache),
+        p = subprocess.Popen(_cmd(wd, data_dir), cwd=ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         start = (wd / "metrics.jsonl").stat().st_mtime
         t0 = time.time()
@@ -88,7 +84,7 @@ def test_sigkill_at_any_point_then_exact_completion(tmp_path, data_dir):
         p.kill()
         p.communicate(timeout=60)
     # 5: the same command completes.
-    r = subprocess.run(_cmd(wd, data_dir), cwd=ROOT, env=_env(cache), capture_output=True,
+    r = subprocess.run(_cmd(wd, data_dir), cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     step, got = _final_state(wd)
