@@ -289,7 +289,8 @@ def test_init_from_starts_from_the_saved_weights(tmp_path, data_dir):
 
     from deepvit_jax.model_dir import model_arrays, save_model
     from deepvit_jax.models import DeepViT
-    from deepvit_jax.train.loop import model_config, train_and_evaluate
+    from deepvit_jax.train.loop import train_and_evaluate
+    from deepvit_jax.train.program import model_config
 
     c = _tiny_config(data_dir)
     saved = DeepViT(model_config(c, 10), rngs=nnx.Rngs(123))  # not the run's seed

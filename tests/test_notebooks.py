@@ -5,7 +5,7 @@ no Drive, no TensorBoard, the embedded digits instead of a download, tiny models
 that raises fails the test. The tests then check what the notebook produced against an
 independent reference (the training run's own files, the PyTorch reference model).
 Also here: the notebooks are committed stripped and hold no code of their own, the Colab
-config family (``configs/colab.py``) and the helpers of ``deepvit_jax/colab.py``.
+config family (``configs/colab.py``) and the helpers of ``deepvit_jax/colab/``.
 """
 
 import importlib.util
@@ -120,7 +120,7 @@ def _colab_configs():
 def test_colab_configs_fit_their_runtime():
     mod = _colab_configs()
     from deepvit_jax.train import config as config_lib
-    from deepvit_jax.train.loop import model_config
+    from deepvit_jax.train.program import model_config
 
     for runtime in mod.RUNTIMES:
         for dataset, ds in mod.DATASETS.items():
@@ -146,7 +146,7 @@ def test_colab_configs_fit_their_runtime():
 
 
 # --------------------------------------------------------------------------------------
-# deepvit_jax/colab.py: the one-line explanations
+# deepvit_jax/colab/: the one-line explanations
 # --------------------------------------------------------------------------------------
 
 
@@ -171,10 +171,10 @@ def test_colab_helpers_explain_what_is_missing(tmp_path, monkeypatch, capsys):
     assert len(out) == 6  # one line each
 
     # The recipe of each runtime Colab offers; a TPU the installed JAX cannot use is named.
-    assert colab._config_arg("tpu", "TPU v5 lite", 1) == "tpu_v5e1"
-    assert colab._config_arg("tpu", "TPU v2", 8) == "tpu_v2_8"
-    assert colab._config_arg("gpu", "Tesla T4", 1) == "gpu"
-    monkeypatch.setattr(colab.glob, "glob", lambda pattern: ["/dev/accel0"])
+    assert colab.config_arg("tpu", "TPU v5 lite", 1) == "tpu_v5e1"
+    assert colab.config_arg("tpu", "TPU v2", 8) == "tpu_v2_8"
+    assert colab.config_arg("gpu", "Tesla T4", 1) == "gpu"
+    monkeypatch.setattr(colab.runtime.glob, "glob", lambda pattern: ["/dev/accel0"])
     colab.detect_runtime()
     line = capsys.readouterr().out
     assert "has a TPU that JAX does not see: install JAX for it (pip install -U 'jax[tpu]')" \
