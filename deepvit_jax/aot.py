@@ -12,7 +12,7 @@ is the real TPU executable, with XLA's ``memory_analysis()`` and ``cost_analysis
 What is compiled is what ``python -m deepvit_jax.main`` runs: the mesh comes from
 ``parallel.make_mesh(config.mesh)`` over the topology's devices (all hosts' devices of a
 multi-host slice, all slices with ``--num-slices``), the train step and its shardings from
-``train.loop.make_program`` (optimizer, EMA, mixup, BatchNorm, on-device augmentation,
+``train.program.make_program`` (optimizer, EMA, mixup, BatchNorm, on-device augmentation,
 ``model.attention_impl``) and the eval step from ``train.evaluator.jit_eval_step``, at the
 config's global batch, split over the topology's hosts as a run would split it.
 
@@ -48,7 +48,7 @@ from deepvit_jax import cli, configs, parallel
 from deepvit_jax.data import pipeline
 from deepvit_jax.models import attention
 from deepvit_jax.train import config as config_lib
-from deepvit_jax.train import loop
+from deepvit_jax.train import program
 from deepvit_jax.train.evaluator import jit_eval_step
 from deepvit_jax.errors import ConfigError, DoesNotFitError, InputError, one_line
 
@@ -180,7 +180,7 @@ class Setup:
     config: Any
     mesh: Any
     mcfg: Any
-    prog: Any  # train.loop.Program
+    prog: Any  # train.program.Program
     hosts: int
     num_train: int
 
@@ -194,13 +194,15 @@ def build(config, devices, *, num_classes=None, num_train=None) -> Setup:
     config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh, devices)
     classes, n_train, _ = _dataset(config, num_classes, num_train)
-    mcfg = loop.model_config(config, classes)
+    mcfg = program.model_config(config, classes)
     hosts = len({d.process_index for d in devices})
-    loop._batch_size(config, "batch_size", config.batch_size, mesh, n_train, processes=hosts)
-    loop._batch_size(config, "eval.batch_size", config.eval.batch_size or config.batch_size,
-                     mesh, n_train, processes=hosts)
+    program.check_batch_size(config, "batch_size", config.batch_size, mesh, n_train,
+                             processes=hosts)
+    program.check_batch_size(config, "eval.batch_size",
+                             config.eval.batch_size or config.batch_size, mesh, n_train,
+                             processes=hosts)
     length = config_lib.run_length(config, n_train)
-    return Setup(config, mesh, mcfg, loop.make_program(config, mcfg, mesh, length), hosts,
+    return Setup(config, mesh, mcfg, program.make_program(config, mcfg, mesh, length), hosts,
                  n_train)
 
 
