@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -30,11 +30,22 @@ log = logging.getLogger(__name__)
 def evaluate(eval_step: Callable, params, batch_stats, rest, batches: Iterable) -> dict:
     """``{'top1', 'top5', 'loss', 'count'}`` over ``batches`` (masked padding excluded;
     accuracies in %)."""
-    sums = None
+    return evaluate_models(eval_step, [(params, batch_stats)], rest, batches)[0]
+
+
+def evaluate_models(eval_step: Callable, models: Sequence[tuple[Any, Any]], rest,
+                    batches: Iterable) -> list[dict]:
+    """:func:`evaluate` of each ``(params, batch_stats)`` in ``models``, in one pass over
+    ``batches`` (the live and the EMA model read the split once)."""
+    sums = [None] * len(models)
     for batch in batches:
-        out = eval_step(params, batch_stats, rest, batch)
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
+        for i, (params, batch_stats) in enumerate(models):
+            out = eval_step(params, batch_stats, rest, batch)
+            sums[i] = out if sums[i] is None else jax.tree.map(jnp.add, sums[i], out)
+    return [_metrics(s) for s in jax.device_get(sums)]
+
+
+def _metrics(sums) -> dict:
     n = max(float(sums["count"]), 1.0)
     return {"top1": 100.0 * sums["top1"] / n, "top5": 100.0 * sums["top5"] / n,
             "loss": sums["loss"] / n, "count": float(sums["count"])}
@@ -44,14 +55,22 @@ def recalibrate_batch_stats(bn_stats_step: Callable, params, batch_stats, rest,
                             images: Iterable) -> Any:
     """Every BatchNorm's statistics averaged over the image batches (each batch's mean and
     unbiased variance from ``bn_stats_step``): ``torch.optim.swa_utils.update_bn``."""
-    total, n = None, 0
+    return recalibrate_models(bn_stats_step, [(params, batch_stats)], rest, images)[0]
+
+
+def recalibrate_models(bn_stats_step: Callable, models: Sequence[tuple[Any, Any]], rest,
+                       images: Iterable) -> list:
+    """:func:`recalibrate_batch_stats` of each ``(params, batch_stats)`` in ``models``, in one
+    pass over ``images`` (the live and the EMA model read the batches once)."""
+    totals, n = [None] * len(models), 0
     for x in images:
-        out = bn_stats_step(params, batch_stats, rest, x)
-        total = out if total is None else jax.tree.map(jnp.add, total, out)
+        for i, (params, batch_stats) in enumerate(models):
+            out = bn_stats_step(params, batch_stats, rest, x)
+            totals[i] = out if totals[i] is None else jax.tree.map(jnp.add, totals[i], out)
         n += 1
-    if total is None:
+    if not n:
         raise ValueError("recalibrate_batch_stats: no batches")
-    return jax.tree.map(lambda t: t / n, total)
+    return [jax.tree.map(lambda t: t / n, total) for total in totals]
 
 
 @dataclasses.dataclass
@@ -75,25 +94,39 @@ class Evaluator:
     def batch_stats_for(self, params, batch_stats):
         """The BatchNorm statistics this evaluator uses for ``params``: re-estimated on the
         fixed batches, or ``batch_stats`` as they are when re-estimation is off."""
+        return self.batch_stats_of([(params, batch_stats)])[0]
+
+    def batch_stats_of(self, models: Sequence[tuple[Any, Any]]) -> list:
+        """:meth:`batch_stats_for` of each ``(params, batch_stats)``, reading the fixed
+        batches once for all of them."""
         if not self.num_recal:
-            return batch_stats
+            return [batch_stats for _, batch_stats in models]
         self.recal_iterator.set_state(self._recal_start)
         images = (next(self.recal_iterator)["image"] for _ in range(self.num_recal))
         if self.recal_augment is not None:
             images = (self.recal_augment(i, x) for i, x in enumerate(images))
-        return recalibrate_batch_stats(self.bn_stats_step, params, batch_stats, self.rest,
-                                       images)
+        return recalibrate_models(self.bn_stats_step, models, self.rest, images)
 
     def __call__(self, params, batch_stats) -> dict[str, float]:
-        batch_stats = self.batch_stats_for(params, batch_stats)
-        return evaluate(self.eval_step, params, batch_stats, self.rest, self.eval_batches)
+        return self.models([(params, batch_stats)])[0]
+
+    def models(self, models: Sequence[tuple[Any, Any]]) -> list[dict[str, float]]:
+        """The metrics of each ``(params, batch_stats)``: one pass over the re-estimation
+        batches and one over the split for all of them."""
+        stats = self.batch_stats_of(models)
+        return evaluate_models(self.eval_step, [(p, s) for (p, _), s in zip(models, stats,
+                                                                             strict=True)],
+                               self.rest, self.eval_batches)
 
     def state(self, state) -> dict[str, float]:
         """``eval/*`` metrics of a TrainState's live model, plus ``eval/ema_*`` of its EMA."""
-        out = {f"eval/{k}": v for k, v in self(state.params, state.batch_stats).items()}
+        models = [(state.params, state.batch_stats)]
         if state.ema_params is not None:
-            ema = self(state.ema_params, state.ema_batch_stats)
-            out.update({f"eval/ema_{k}": v for k, v in ema.items() if k != "count"})
+            models.append((state.ema_params, state.ema_batch_stats))
+        live, *ema = self.models(models)
+        out = {f"eval/{k}": v for k, v in live.items()}
+        if ema:
+            out.update({f"eval/ema_{k}": v for k, v in ema[0].items() if k != "count"})
         return out
 
 
