@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from deepvit_jax.convert import ConversionError, from_pytorch, save_pytorch, to_pytorch  # noqa: E402
-from deepvit_jax.convert.pytorch import (convert_state_dict, guess_official_variant,  # noqa: E402
-                                         load_state_dict)
+from deepvit_jax.convert.official import guess_official_variant  # noqa: E402
+from deepvit_jax.convert.pytorch import convert_state_dict  # noqa: E402
+from deepvit_jax.convert.torch_files import load_state_dict  # noqa: E402
 from deepvit_jax.models.registry import get_config  # noqa: E402
 from deepvit_jax.reference import official as R  # noqa: E402
 

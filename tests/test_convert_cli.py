@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from deepvit_jax import model_dir as ck  # noqa: E402
 from deepvit_jax.convert.__main__ import main  # noqa: E402
-from deepvit_jax.convert.pytorch import load_state_dict  # noqa: E402
+from deepvit_jax.convert.torch_files import load_state_dict  # noqa: E402
 from deepvit_jax.reference import official as R  # noqa: E402
 from deepvit_jax.reference.vit_pytorch import load_deepvit_class  # noqa: E402
 

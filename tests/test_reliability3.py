@@ -143,7 +143,7 @@ def test_two_concurrent_writers_of_one_output_have_one_winner(vp_file, tmp_path)
     """Before: both printed "wrote" and exited 0 and the directory held a mix that would
     not load, or one hung on an Orbax lock. Now, in every round, exactly one writer exits 0
     with a complete, loadable output; the other exits 3 at once with one line."""
-    from deepvit_jax.convert.pytorch import load_state_dict
+    from deepvit_jax.convert.torch_files import load_state_dict
     from deepvit_jax.model_dir import load_model, model_arrays
 
     path, sd = vp_file

@@ -32,8 +32,9 @@ import sys
 import time
 
 from deepvit_jax import cli
-from deepvit_jax.convert.pytorch import (check_finite, from_pytorch, save_pytorch, to_pytorch,
-                                         weight_summary)
+from deepvit_jax.convert.checks import check_finite, weight_summary
+from deepvit_jax.convert.pytorch import from_pytorch, to_pytorch
+from deepvit_jax.convert.torch_files import save_pytorch
 from deepvit_jax.errors import InputError
 from deepvit_jax.model_dir import check_replaceable, load_model, model_arrays, save_model
 from deepvit_jax.models.registry import VARIANTS
