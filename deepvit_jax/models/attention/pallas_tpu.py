@@ -15,7 +15,8 @@ eval mode: ``reattn_apply(q, k, v, reattn_lse(q, k, scale=s), mix, shift, scale=
 
 The passes and ``reattn_lse`` also take ``interpret=False`` (True: run in Pallas
 interpret mode, e.g. on CPU in tests) and ``block_q``, ``block_k`` (query / key tile; default
-128 x 128). The kernels, their grid and tiling are in ``pallas_common.py``.
+128 x 128). The kernels are in ``pallas_forward.py`` and
+``pallas_backward.py``, their grid and tiling in ``pallas_common.py``.
 ``plain_attention`` takes ``block`` (its N tile) and no ``interpret``
 (see its docstring).
 """
@@ -26,16 +27,17 @@ import functools
 
 import jax.numpy as jnp
 
-from deepvit_jax.models.attention import pallas_common as _common
+from deepvit_jax.models.attention import pallas_backward as _backward
+from deepvit_jax.models.attention import pallas_forward as _forward
 
 BACKEND = "tpu"
 
-reattn_stats = functools.partial(_common.reattn_stats, backend=BACKEND)
-reattn_apply = functools.partial(_common.reattn_apply, backend=BACKEND)
-reattn_bwd_stats = functools.partial(_common.reattn_bwd_stats, backend=BACKEND)
-reattn_bwd = functools.partial(_common.reattn_bwd, backend=BACKEND)
+reattn_stats = functools.partial(_forward.reattn_stats, backend=BACKEND)
+reattn_apply = functools.partial(_forward.reattn_apply, backend=BACKEND)
+reattn_bwd_stats = functools.partial(_backward.reattn_bwd_stats, backend=BACKEND)
+reattn_bwd = functools.partial(_backward.reattn_bwd, backend=BACKEND)
 # Eval mode: F1's first sweep alone, lse (B, H, N) without the Gram.
-reattn_lse = functools.partial(_common.reattn_lse, backend=BACKEND)
+reattn_lse = functools.partial(_forward.reattn_lse, backend=BACKEND)
 
 
 def plain_attention(q, k, v, *, scale, block=128):
