@@ -32,7 +32,7 @@ import deepvit_jax
 from deepvit_jax import analysis, configs, predict
 from deepvit_jax.convert import from_pytorch
 from deepvit_jax.data.__main__ import prepare
-from deepvit_jax.data.pipeline import dataset_info, get_builder
+from deepvit_jax.data.dataset import dataset_info, get_builder
 from deepvit_jax.errors import DatasetNotPreparedError
 from deepvit_jax.model_dir import load_model
 from deepvit_jax.utils import atomic_output

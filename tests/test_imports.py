@@ -17,7 +17,6 @@ LAZY = {
     "deepvit_jax.models.attention.pallas_gpu": "Pallas/Triton kernels (GPU only)",
     "deepvit_jax.models.attention.pallas_tpu": "Pallas/Mosaic kernels (TPU only)",
     "deepvit_jax.models.attention.pallas_common": "Pallas kernels (accelerators only)",
-    "deepvit_jax.data.array_record": "imports data.pipeline (which builds its reader)",
     "deepvit_jax.parallel": "models.attention reads the mesh axes only under a mesh",
 }
 

@@ -437,14 +437,15 @@ def test_folder_datasets_keyed_by_path_and_contents(tmp_path):
 def test_all_examples_failing_raises_instead_of_spinning(data_dir, monkeypatch):
     import tensorflow as tf
 
-    from deepvit_jax.data import pipeline
     from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.dataset import ImageSpec
+    from deepvit_jax.data.train_stream import make_train_iterator
     from deepvit_jax.errors import InputError
 
     cfg = digits_data_config()
     cfg.data_dir = data_dir
-    it = pipeline.make_train_iterator(cfg, global_batch_size=16,
-                                      spec=pipeline.ImageSpec(size=8), sharding=None, seed=0)
+    it = make_train_iterator(cfg, global_batch_size=16, spec=ImageSpec(size=8), sharding=None,
+                             seed=0)
 
     def broken(encoded, seed):  # every image fails to decode
         return tf.cast(tf.io.decode_png(tf.constant(b"not a png")), tf.float32)
@@ -470,17 +471,18 @@ def test_all_examples_failing_raises_instead_of_spinning(data_dir, monkeypatch):
 def test_one_undecodable_image_is_named_instead_of_shifting_the_batches(data_dir):
     import tensorflow as tf
 
-    from deepvit_jax.data import pipeline
     from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.dataset import ImageSpec, _seed_words
+    from deepvit_jax.data.train_stream import make_train_iterator
     from deepvit_jax.errors import InputError
 
     cfg = digits_data_config()
     cfg.data_dir, cfg.prefetch_batches = data_dir, 1   # batch 1 is read after batch 0 returns
-    kw = dict(global_batch_size=16, spec=pipeline.ImageSpec(size=8), sharding=None, seed=0)
-    good = pipeline.make_train_iterator(cfg, **kw)
-    it = pipeline.make_train_iterator(cfg, **kw)
+    kw = dict(global_batch_size=16, spec=ImageSpec(size=8), sharding=None, seed=0)
+    good = make_train_iterator(cfg, **kw)
+    it = make_train_iterator(cfg, **kw)
     augment = it.host.augment
-    base = pipeline._seed_words(0, 0, 0, 3)[1] % 2**62   # the epoch's seed words (seed 0)
+    base = _seed_words(0, 0, 0, 3)[1] % 2**62   # the epoch's seed words (seed 0)
 
     def broken(encoded, seed):  # example 21 of the epoch (batch 1, row 5) fails to decode
         bad = tf.equal(seed[1] - base, 21)
@@ -616,14 +618,14 @@ def test_overflowing_parameters_are_never_saved(tmp_path, data_dir):
 @pytest.mark.slow
 def test_signal_during_evaluation_saves_and_resumes_the_evaluation(tmp_path, data_dir,
                                                                    monkeypatch):
-    from deepvit_jax.data import pipeline
+    from deepvit_jax.data import eval_stream
     from deepvit_jax.errors import Aborted
     from deepvit_jax.workdir import Checkpointer
     from deepvit_jax.train.loop import train_and_evaluate
 
     kw = dict(total_steps=4, eval__every_steps=2, checkpoint__every_steps=1000,
               eval__batch_size=40)  # 9 eval batches
-    real_iter = pipeline.EvalIterable.__iter__
+    real_iter = eval_stream.EvalIterable.__iter__
     signals = []  # per evaluation pass: the signals sent after its first batch
 
     def signalling_iter(self):
@@ -633,7 +635,7 @@ def test_signal_during_evaluation_saves_and_resumes_the_evaluation(tmp_path, dat
                     os.kill(os.getpid(), sig)
             yield batch
 
-    monkeypatch.setattr(pipeline.EvalIterable, "__iter__", signalling_iter)
+    monkeypatch.setattr(eval_stream.EvalIterable, "__iter__", signalling_iter)
     wd = tmp_path / "run"
     signals[:] = [[signal.SIGTERM]]
     assert train_and_evaluate(_tiny(data_dir, **kw), str(wd)) == {}  # stopped mid-evaluation

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from deepvit_jax import parallel
 from deepvit_jax import workdir as workdir_lib
 from deepvit_jax.analysis.monitor import make_probe
-from deepvit_jax.data import pipeline
+from deepvit_jax import data as pipeline
 from deepvit_jax.data.device_augment import make_device_augment
 from deepvit_jax.errors import (ConfigError, DeepViTError, InputError, NonFiniteLossError,
                                 Preempted, StorageError, one_line, storage_message,
