@@ -36,7 +36,8 @@ from deepvit_jax.data.dataset import dataset_info, get_builder
 from deepvit_jax.errors import DatasetNotPreparedError
 from deepvit_jax.model_dir import load_model
 from deepvit_jax.utils import atomic_output
-from deepvit_jax.workdir import WorkdirLock, latest_step
+from deepvit_jax.workdir import latest_step
+from deepvit_jax.workdir_lock import WorkdirLock
 
 # Where Drive is mounted (Colab: /content/drive); the tests mount a stand-in elsewhere.
 DRIVE_MOUNT = os.environ.get("DEEPVIT_DRIVE_MOUNT", "/content/drive")

@@ -259,7 +259,7 @@ def test_bad_augmentation_and_init_from_are_config_errors(tmp_path, data_dir):
 
 def test_workdir_lock(tmp_path):
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     a, b = WorkdirLock(tmp_path), WorkdirLock(tmp_path)
     a.acquire()
@@ -285,7 +285,7 @@ def test_workdir_lock(tmp_path):
 
 
 def test_second_run_on_a_workdir_exits_3(tmp_path, data_dir):
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     lock = WorkdirLock(tmp_path)  # this (live) process plays the first run
     lock.acquire()
@@ -346,7 +346,8 @@ def test_run_files_on_a_non_local_filesystem(ram_scheme, tmp_path, monkeypatch):
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import Checkpointer, WorkdirLock
+    from deepvit_jax.workdir import Checkpointer
+    from deepvit_jax.workdir_lock import WorkdirLock
     from deepvit_jax.train.reporting import MetricWriter
     from deepvit_jax.utils import as_path, atomic_output
 
