@@ -51,7 +51,8 @@ def main(argv=None):
     from data_throughput import make_jpegs
     from deepvit_jax.data.__main__ import prepare
     from deepvit_jax.data.config import default_data_config
-    from deepvit_jax.data.pipeline import ImageSpec, dataset_info, make_train_iterator
+    from deepvit_jax.data.dataset import ImageSpec, dataset_info
+    from deepvit_jax.data.train_stream import make_train_iterator
 
     tmp = tempfile.mkdtemp(prefix="readers_")
     root = os.path.join(tmp, "images")

@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepvit_jax import cli
-from deepvit_jax.data.pipeline import ImageSpec
+from deepvit_jax.data.dataset import ImageSpec
 from deepvit_jax.data.preprocess import DEFAULT_MAX_PIXELS, check_image_pixels, decode_image
 from deepvit_jax.errors import one_line
 from deepvit_jax.model_dir import load_model

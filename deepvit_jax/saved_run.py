@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from deepvit_jax import model_dir, parallel, workdir
-from deepvit_jax.data import pipeline
+from deepvit_jax.data.dataset import dataset_info
 from deepvit_jax.data.config import default_data_config, digits_data_config
 from deepvit_jax.data.device_augment import make_device_augment
 from deepvit_jax.errors import CheckpointError, ConfigError, ModelFileError
@@ -304,7 +304,7 @@ def saved_run_evaluator(loaded: Loaded, config):
     """(Evaluator, DatasetInfo) for ``loaded`` on ``config``'s eval split; the class counts
     are checked and the batch sizes fitted to the mesh before anything is compiled."""
     try:
-        dataset = pipeline.dataset_info(config.data)
+        dataset = dataset_info(config.data)
     except Exception as e:  # any failure to resolve the dataset names it
         raise ConfigError(f"dataset {config.data.dataset!r}: {e}") from None
     if dataset.num_classes != loaded.model_cfg.num_classes:

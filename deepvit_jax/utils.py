@@ -115,7 +115,7 @@ def _take_lock(path: epath.Path) -> int:
     """An exclusive ``flock`` on ``PATH.deepvit-lock`` (created beside ``path``); its fd.
     The kernel drops the lock when the process dies (kill -9 included), so a lock file
     left behind is never stale: the next writer takes it. (Hand-written rather than a
-    library such as ``filelock``: the workdir lock, ``workdir.WorkdirLock``, already uses
+    library such as ``filelock``: the workdir lock, ``workdir_lock.WorkdirLock``, already uses
     the same flock-then-check-the-inode scheme and the holder record it writes.)"""
     import fcntl
     import json

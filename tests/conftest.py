@@ -22,7 +22,7 @@ MISSING_IMPORT = "could not import"  # the reason pytest.importorskip gives
 def data_dir(tmp_path_factory):
     """A TFDS data dir with the embedded digits prepared, once per test session (worker)."""
     from deepvit_jax.data.config import digits_data_config
-    from deepvit_jax.data.pipeline import dataset_info
+    from deepvit_jax.data.dataset import dataset_info
 
     cfg = digits_data_config()
     cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))

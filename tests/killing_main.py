@@ -12,7 +12,7 @@ import os
 import signal
 
 from deepvit_jax import main as main_lib
-from deepvit_jax.data import pipeline
+from deepvit_jax.data import eval_stream
 from deepvit_jax import workdir as checkpoints
 from deepvit_jax.train import reporting
 
@@ -49,7 +49,7 @@ elif KIND == "metrics":
 
     reporting.MetricWriter.write = write
 elif KIND == "eval":
-    _iter = pipeline.EvalIterable.__iter__
+    _iter = eval_stream.EvalIterable.__iter__
 
     def eval_iter(self):
         for i, batch in enumerate(_iter(self)):
@@ -57,7 +57,7 @@ elif KIND == "eval":
                 _die()
             yield batch
 
-    pipeline.EvalIterable.__iter__ = eval_iter
+    eval_stream.EvalIterable.__iter__ = eval_iter
 else:
     raise SystemExit(f"KILL_AT={os.environ['KILL_AT']!r}: use save:S, metrics:S or eval")
 

@@ -11,8 +11,8 @@ pytest.importorskip("grain")
 from deepvit_jax.data import index as index_lib
 from deepvit_jax.data.array_record import add_array_record, data_source
 from deepvit_jax.data.config import digits_data_config
-from deepvit_jax.data.pipeline import (ImageSpec, dataset_info,
-                                       make_train_iterator)
+from deepvit_jax.data.dataset import ImageSpec, dataset_info
+from deepvit_jax.data.train_stream import make_train_iterator
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_same_record_and_seed_augment_identically_in_both_readers(data_dir):
     import tensorflow as tf
 
     from deepvit_jax.data import augment
-    from deepvit_jax.data.pipeline import _seed_words, get_builder
+    from deepvit_jax.data.dataset import _seed_words, get_builder
 
     cfg = _cfg(data_dir)
     it = _stream(cfg, B=16)

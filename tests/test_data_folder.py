@@ -13,7 +13,7 @@ from PIL import Image
 
 from deepvit_jax.data import dataset_info, default_data_config, make_train_iterator
 from deepvit_jax.data.__main__ import main
-from deepvit_jax.data.pipeline import ImageSpec
+from deepvit_jax.data.dataset import ImageSpec
 
 
 def _image(rng, mode="RGB", fmt="JPEG", size=(40, 48)):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deepvit_jax.data import (dataset_info, default_data_config, make_eval_iterator,
                               make_train_iterator)
-from deepvit_jax.data.pipeline import ImageSpec
+from deepvit_jax.data.dataset import ImageSpec
 from deepvit_jax.data.__main__ import main
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]   # the first three ImageNet classes

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepvit_jax.data import (dataset_info, default_data_config, make_eval_iterator,
                               make_train_iterator)
-from deepvit_jax.data.pipeline import ImageSpec
+from deepvit_jax.data.dataset import ImageSpec
 from deepvit_jax.data.builders.digits import NUM_TEST, NUM_TRAIN, digits_image
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -45,7 +45,7 @@ def test_digits_builder_counts_labels_and_split(data_dir):
     assert (info.num_classes, info.num_train, info.num_eval) == (10, NUM_TRAIN, NUM_TEST)
     assert info.eval_split == "test" and info.image_shape == (32, 32, 3)
     digits = load_digits()
-    from deepvit_jax.data.pipeline import get_builder
+    from deepvit_jax.data.dataset import get_builder
 
     builder = get_builder(_cfg(data_dir))
     seen = {}

@@ -19,7 +19,6 @@ LAZY = {
     "deepvit_jax.models.attention.pallas_common": "Pallas kernels (accelerators only)",
     "deepvit_jax.models.attention.pallas_forward": "Pallas kernels (accelerators only)",
     "deepvit_jax.models.attention.pallas_backward": "Pallas kernels (accelerators only)",
-    "deepvit_jax.data.array_record": "imports data.pipeline (which builds its reader)",
     "deepvit_jax.parallel": "models.attention reads the mesh axes only under a mesh",
 }
 

@@ -20,7 +20,8 @@ import pytest
 from test_main import DEFAULT, ROOT, TINY, _env, _final_state, _free_port, _metrics, _run
 
 from deepvit_jax.data.config import digits_data_config
-from deepvit_jax.data.pipeline import ImageSpec, dataset_info, make_train_iterator
+from deepvit_jax.data.dataset import ImageSpec, dataset_info
+from deepvit_jax.data.train_stream import make_train_iterator
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):

@@ -260,7 +260,7 @@ def test_bad_augmentation_and_init_from_are_config_errors(tmp_path, data_dir):
 
 def test_workdir_lock(tmp_path):
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     a, b = WorkdirLock(tmp_path), WorkdirLock(tmp_path)
     a.acquire()
@@ -286,7 +286,7 @@ def test_workdir_lock(tmp_path):
 
 
 def test_second_run_on_a_workdir_exits_3(tmp_path, data_dir):
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     lock = WorkdirLock(tmp_path)  # this (live) process plays the first run
     lock.acquire()
@@ -347,7 +347,8 @@ def test_run_files_on_a_non_local_filesystem(ram_scheme, tmp_path, monkeypatch):
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import Checkpointer, WorkdirLock
+    from deepvit_jax.workdir import Checkpointer
+    from deepvit_jax.workdir_lock import WorkdirLock
     from deepvit_jax.train.reporting import MetricWriter
     from deepvit_jax.utils import as_path, atomic_output
 
@@ -438,14 +439,15 @@ def test_folder_datasets_keyed_by_path_and_contents(tmp_path):
 def test_all_examples_failing_raises_instead_of_spinning(data_dir, monkeypatch):
     import tensorflow as tf
 
-    from deepvit_jax.data import pipeline
     from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.dataset import ImageSpec
+    from deepvit_jax.data.train_stream import make_train_iterator
     from deepvit_jax.errors import InputError
 
     cfg = digits_data_config()
     cfg.data_dir = data_dir
-    it = pipeline.make_train_iterator(cfg, global_batch_size=16,
-                                      spec=pipeline.ImageSpec(size=8), sharding=None, seed=0)
+    it = make_train_iterator(cfg, global_batch_size=16, spec=ImageSpec(size=8), sharding=None,
+                             seed=0)
 
     def broken(encoded, seed):  # every image fails to decode
         return tf.cast(tf.io.decode_png(tf.constant(b"not a png")), tf.float32)
@@ -471,17 +473,18 @@ def test_all_examples_failing_raises_instead_of_spinning(data_dir, monkeypatch):
 def test_one_undecodable_image_is_named_instead_of_shifting_the_batches(data_dir):
     import tensorflow as tf
 
-    from deepvit_jax.data import pipeline
     from deepvit_jax.data.config import digits_data_config
+    from deepvit_jax.data.dataset import ImageSpec, _seed_words
+    from deepvit_jax.data.train_stream import make_train_iterator
     from deepvit_jax.errors import InputError
 
     cfg = digits_data_config()
     cfg.data_dir, cfg.prefetch_batches = data_dir, 1   # batch 1 is read after batch 0 returns
-    kw = dict(global_batch_size=16, spec=pipeline.ImageSpec(size=8), sharding=None, seed=0)
-    good = pipeline.make_train_iterator(cfg, **kw)
-    it = pipeline.make_train_iterator(cfg, **kw)
+    kw = dict(global_batch_size=16, spec=ImageSpec(size=8), sharding=None, seed=0)
+    good = make_train_iterator(cfg, **kw)
+    it = make_train_iterator(cfg, **kw)
     augment = it.host.augment
-    base = pipeline._seed_words(0, 0, 0, 3)[1] % 2**62   # the epoch's seed words (seed 0)
+    base = _seed_words(0, 0, 0, 3)[1] % 2**62   # the epoch's seed words (seed 0)
 
     def broken(encoded, seed):  # example 21 of the epoch (batch 1, row 5) fails to decode
         bad = tf.equal(seed[1] - base, 21)
@@ -617,14 +620,14 @@ def test_overflowing_parameters_are_never_saved(tmp_path, data_dir):
 @pytest.mark.slow
 def test_signal_during_evaluation_saves_and_resumes_the_evaluation(tmp_path, data_dir,
                                                                    monkeypatch):
-    from deepvit_jax.data import pipeline
+    from deepvit_jax.data import eval_stream
     from deepvit_jax.errors import Aborted
     from deepvit_jax.workdir import Checkpointer
     from deepvit_jax.train.loop import train_and_evaluate
 
     kw = dict(total_steps=4, eval__every_steps=2, checkpoint__every_steps=1000,
               eval__batch_size=40)  # 9 eval batches
-    real_iter = pipeline.EvalIterable.__iter__
+    real_iter = eval_stream.EvalIterable.__iter__
     signals = []  # per evaluation pass: the signals sent after its first batch
 
     def signalling_iter(self):
@@ -634,7 +637,7 @@ def test_signal_during_evaluation_saves_and_resumes_the_evaluation(tmp_path, dat
                     os.kill(os.getpid(), sig)
             yield batch
 
-    monkeypatch.setattr(pipeline.EvalIterable, "__iter__", signalling_iter)
+    monkeypatch.setattr(eval_stream.EvalIterable, "__iter__", signalling_iter)
     wd = tmp_path / "run"
     signals[:] = [[signal.SIGTERM]]
     assert train_and_evaluate(_tiny(data_dir, **kw), str(wd)) == {}  # stopped mid-evaluation

@@ -48,7 +48,7 @@ def _stale_record(pid: int) -> str:
 def _contender(workdir, rounds, barrier, results, index):
     """One run starting on ``workdir`` in each round, at the same moment as the others."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     for r in range(rounds):
         barrier.wait()  # the stale lock is in place: go
@@ -99,9 +99,9 @@ def test_lock_is_held_by_the_os_and_dies_with_its_process(tmp_path):
     """A run killed with kill -9 leaves its file, and the next run takes it over at once;
     a run that is alive keeps it, whatever its file says."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
-    code = ("import sys, time; from deepvit_jax.workdir import WorkdirLock; "
+    code = ("import sys, time; from deepvit_jax.workdir_lock import WorkdirLock; "
             "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -124,7 +124,7 @@ def test_empty_or_unreadable_lock_file(tmp_path, caplog):
     message: taken over at once locally when no process holds it, refused while one does
     (the run is starting)."""
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     for content in ("", '{"host": "x", "pi'):
         (tmp_path / "lock").write_text(content)
@@ -156,7 +156,7 @@ def test_object_store_takeovers_have_one_owner(ram_scheme, monkeypatch, contende
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     monkeypatch.setattr(WorkdirLock, "SETTLE_S", 0.3, raising=False)
     rounds = 15
@@ -195,9 +195,9 @@ def test_object_store_lock_written_again_when_its_record_vanished(ram_scheme, mo
     """A late take-over moved this run's fresh record aside before it was read back (the
     read-back finds none): the run writes it again instead of being refused, so that a
     round never ends with no owner; another run's record read back still refuses."""
-    from deepvit_jax import workdir
+    from deepvit_jax import workdir_lock
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     monkeypatch.setattr(WorkdirLock, "SETTLE_S", 0.05, raising=False)
     lock = WorkdirLock(ram_scheme)
@@ -208,11 +208,11 @@ def test_object_store_lock_written_again_when_its_record_vanished(ram_scheme, mo
         if vanish and vanish.pop():
             lock.path.unlink()
 
-    def with_sleep(fake):  # the module workdir sees as ``time``, its sleep faked
+    def with_sleep(fake):  # the module workdir_lock sees as ``time``, its sleep faked
         return types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
                                         if not k.startswith("_")} | {"sleep": fake})
 
-    monkeypatch.setattr(workdir, "time", with_sleep(sleep))
+    monkeypatch.setattr(workdir_lock, "time", with_sleep(sleep))
     lock.acquire()
     assert lock.held and len(sleeps) == 2 and lock.owner()["pid"] == os.getpid()
     lock.release()
@@ -224,7 +224,7 @@ def test_object_store_lock_written_again_when_its_record_vanished(ram_scheme, mo
         sleeps.append(s)
         other.path.write_text(json.dumps({"host": "elsewhere", "pid": 7, "started": 0}))
 
-    monkeypatch.setattr(workdir, "time", with_sleep(sleep_other_wins))
+    monkeypatch.setattr(workdir_lock, "time", with_sleep(sleep_other_wins))
     with pytest.raises(WorkdirLockedError, match="host elsewhere"):
         other.acquire()
     assert len(sleeps) == 1
@@ -234,7 +234,7 @@ def test_object_store_empty_lock_waits_for_its_grace_period(ram_scheme, monkeypa
     import tensorflow as tf
 
     from deepvit_jax.errors import WorkdirLockedError
-    from deepvit_jax.workdir import WorkdirLock
+    from deepvit_jax.workdir_lock import WorkdirLock
 
     monkeypatch.setattr(WorkdirLock, "SETTLE_S", 0.0, raising=False)
     tf.io.gfile.makedirs(ram_scheme)

@@ -8,7 +8,8 @@ import numpy as np
 from deepvit_jax import saved_run
 from deepvit_jax.analysis import similarity as sim
 from deepvit_jax.analysis.collect import analyse
-from deepvit_jax.data import pipeline
+from deepvit_jax.data.dataset import ImageSpec, dataset_info
+from deepvit_jax.data.eval_stream import make_eval_iterator
 
 
 def load_images(data_cfg, model_cfg, num_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -16,11 +17,10 @@ def load_images(data_cfg, model_cfg, num_images: int) -> tuple[np.ndarray, np.nd
     for ``model_cfg`` (the evaluation transform), on the host."""
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1")
-    ds = pipeline.dataset_info(data_cfg)
+    ds = dataset_info(data_cfg)
     n = min(int(num_images), ds.num_eval)
-    it = pipeline.make_eval_iterator(data_cfg, global_batch_size=n,
-                                     spec=pipeline.ImageSpec.of(model_cfg), sharding=None,
-                                     dataset=ds, process_index=0, process_count=1)
+    it = make_eval_iterator(data_cfg, global_batch_size=n, spec=ImageSpec.of(model_cfg),
+                            sharding=None, dataset=ds, process_index=0, process_count=1)
     batch = next(iter(it))
     keep = batch["mask"] > 0
     return batch["image"][keep], batch["label"][keep]

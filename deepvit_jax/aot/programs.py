@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from deepvit_jax import parallel
-from deepvit_jax.data import pipeline
+from deepvit_jax.data.dataset import dataset_info
 from deepvit_jax.errors import ConfigError, one_line
 from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import program
@@ -32,7 +32,7 @@ def _dataset(config, num_classes: int | None, num_train: int | None):
     """(num_classes, num_train, name): the prepared dataset's, else the known table's."""
     name = str(config.data.dataset)
     try:
-        info = pipeline.dataset_info(config.data)
+        info = dataset_info(config.data)
         known = (info.num_classes, info.num_train)
     except Exception as e:  # not prepared here: the table, or the flags
         row = KNOWN_DATASETS.get(name.split(":")[0].split("/")[0])

@@ -10,7 +10,7 @@ from typing import Any
 from deepvit_jax import configs
 from deepvit_jax.colab.runtime import Runtime, detect_runtime, say
 from deepvit_jax.data.__main__ import prepare
-from deepvit_jax.data.pipeline import dataset_info, get_builder
+from deepvit_jax.data.dataset import dataset_info, get_builder
 from deepvit_jax.errors import DatasetNotPreparedError
 
 

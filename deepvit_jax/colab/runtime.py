@@ -11,7 +11,8 @@ import sys
 
 import jax
 
-from deepvit_jax.workdir import WorkdirLock, latest_step
+from deepvit_jax.workdir import latest_step
+from deepvit_jax.workdir_lock import WorkdirLock
 
 # Where Drive is mounted (Colab: /content/drive); the tests mount a stand-in elsewhere.
 DRIVE_MOUNT = os.environ.get("DEEPVIT_DRIVE_MOUNT", "/content/drive")

@@ -25,7 +25,7 @@ import numpy as np
 
 from deepvit_jax.data import augment as aug_lib
 from deepvit_jax.data import index as index_lib
-from deepvit_jax.data.pipeline import STATE_VERSION, _seed_words, check_state
+from deepvit_jax.data.dataset import STATE_VERSION, _seed_words, check_state
 from deepvit_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ Each section is handed as it is to the code that owns it:
 ``model``              ModelConfig overrides (None = keep the variant's value), e.g.
                        ``model.depth``, ``model.dtype`` ('bfloat16' = mixed precision),
                        ``model.drop_path_rate`` -> ``models.get_config``
-``data``               dataset, splits, reading, host augmentation -> ``data.pipeline``
+``data``               dataset, splits, reading, host augmentation -> ``data.train_stream``
 ``mix``                mixup / cutmix / label smoothing -> ``data.mix.mix_batch``
 ``optim``              AdamW, learning-rate schedule values, clipping, accumulation
                        -> ``train.step.make_optimizer`` / ``cosine_schedule``

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from deepvit_jax import parallel
-from deepvit_jax.data import pipeline
+from deepvit_jax.data.dataset import ImageSpec
+from deepvit_jax.data.eval_stream import make_eval_iterator
+from deepvit_jax.data.train_stream import make_train_iterator
 from deepvit_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -151,9 +153,9 @@ def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
     (``data.device_augment.make_device_augment``; None when the host pipeline does it all),
     applied to the re-estimation batches as the train step applies it."""
     data_sh = parallel.batch_sharding(mesh)
-    spec = pipeline.ImageSpec.of(model_def.config)
+    spec = ImageSpec.of(model_def.config)
     eval_step = jit_eval_step(model_def, mesh, state_shardings, rest_shardings)
-    eval_batches = pipeline.make_eval_iterator(
+    eval_batches = make_eval_iterator(
         config.data, global_batch_size=eval_batch_size, spec=spec, sharding=data_sh,
         dataset=dataset)
     has_bn = bool(jax.tree.leaves(state_shardings.batch_stats))
@@ -163,7 +165,7 @@ def make_evaluator(config, *, model_def, dataset, mesh, eval_batch_size: int,
                  "re-estimate", config.eval.bn_recalibration_batches, config.model_name)
     if not num_recal:
         return Evaluator(eval_step, eval_batches, rest)
-    recal_it = pipeline.make_train_iterator(
+    recal_it = make_train_iterator(
         config.data, global_batch_size=recal_batch_size, spec=spec, sharding=data_sh,
         seed=config.seed + 1, dataset=dataset)
     bn_stats_step = jax.jit(

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from deepvit_jax import parallel
 from deepvit_jax import workdir as workdir_lib
 from deepvit_jax.analysis.monitor import make_probe
-from deepvit_jax.data import pipeline
+from deepvit_jax.data.dataset import ImageSpec, dataset_info
+from deepvit_jax.data.train_stream import make_train_iterator
 from deepvit_jax.errors import (ConfigError, DeepViTError, InputError, NonFiniteLossError,
                                 Preempted, StorageError, one_line, storage_message,
                                 storage_problem)
@@ -120,15 +121,15 @@ def setup(config, workdir: str, *, mesh=None) -> Run:
 
 def _dataset_info(config):
     try:
-        return pipeline.dataset_info(config.data)
+        return dataset_info(config.data)
     except Exception as e:  # any failure to resolve the dataset is a config error
         raise ConfigError(f"config.data.dataset={config.data.dataset!r}: {e}") from None
 
 
 def _train_iterator(config, batch_size: int, mcfg, data_sh, dataset):
     try:  # a bad augmentation string etc. (data.*) is a config error, before any compile
-        return pipeline.make_train_iterator(config.data, global_batch_size=batch_size,
-                                            spec=pipeline.ImageSpec.of(mcfg), sharding=data_sh,
+        return make_train_iterator(config.data, global_batch_size=batch_size,
+                                            spec=ImageSpec.of(mcfg), sharding=data_sh,
                                             seed=config.seed, dataset=dataset)
     except ValueError as e:
         raise ConfigError(f"config.{one_line(e)}" if str(e).startswith("data.")
