@@ -126,3 +126,38 @@ def test_no_function_local_import_of_a_package_module():
               for m, t, line in local if t not in LAZY]
     assert hidden == [], "\n".join(hidden)
     assert local, "the scan finds the allowed lazy imports (it reads function bodies)"
+
+
+# Modules allowed over MAX_LINES because each is one concept (issue 22), and why.
+ONE_CONCEPT = {
+    "deepvit_jax/models/deepvit.py": "the model: patch embedding, Re-attention, blocks, head",
+    "deepvit_jax/data/augment.py": "the host augmentation ops (RandAugment, erasing, resize)",
+    "deepvit_jax/data/device_augment.py": "the same augmentation ops on the accelerator",
+}
+MAX_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def sizes(root: pathlib.Path = PKG) -> tuple[dict[str, int], list[tuple[int, str, str]]]:
+    """({path: lines}, [(lines, path, function)]) of the Python sources under ``root``."""
+    files, functions = {}, []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        text = path.read_text()
+        files[rel] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.append((node.end_lineno - node.lineno + 1, rel, node.name))
+    return files, functions
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    files, functions = sizes()
+    assert set(ONE_CONCEPT) <= set(files)  # each exemption names a real module
+    assert {p: n for p, n in files.items() if n > MAX_LINES and p not in ONE_CONCEPT} == {}
+    assert [f for f in functions if f[0] > MAX_FUNCTION_LINES] == []
+    # and the measure sees what it should: the tests' own long functions, counted right
+    _, test_functions = sizes(ROOT / "tests")
+    n = next(n for n, p, name in test_functions if name == "sizes" and p.endswith("imports.py"))
+    assert n == 11
+    assert max(n for n, _, _ in test_functions) > MAX_FUNCTION_LINES
