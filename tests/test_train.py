@@ -420,3 +420,26 @@ def test_training_with_ema_and_bn_recalibration(tmp_path, caplog):
     assert out["eval/ema_loss"] != out["eval/loss"]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["step"] == 2 and "eval/ema_top1" in rows[-1]
+
+
+def test_input_bound_warning_skips_the_start_up_window(caplog):
+    """The first log window holds the input's start-up and the first compile: waiting there
+    is no sign of an input-bound run. A later window that waits warns (once per 10 min)."""
+    import logging
+
+    from deepvit_jax.train.reporting import StepMeter
+
+    m = {"train/loss": np.float32(2.0), "train/grad_norm": np.float32(1.0),
+         "train/lr": np.float32(1e-3)}
+    meter = StepMeter(batch_size=4, steps_per_epoch=10)
+    with caplog.at_level(logging.WARNING, logger="deepvit_jax.train.reporting"):
+        meter.add(1, m, wait_s=5.0)  # more wait than wall time: fraction > 0.25
+        first = meter.summary(1)
+        assert first["data_wait_fraction"] > StepMeter.WARN_WAIT_FRACTION
+        assert not caplog.records
+        meter.add(2, m, wait_s=5.0)
+        meter.summary(2)
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == ["input-bound"]
+        meter.add(3, m, wait_s=5.0)
+        meter.summary(3)
+        assert len(caplog.records) == 1

@@ -135,6 +135,9 @@ class StepMeter:
         self.wait = 0.0
         self.t0 = time.perf_counter()
         self._last_warning = -np.inf
+        # The first window holds the input's start-up (a shuffle buffer filling, worker
+        # start-up) and the first compile: a wait there says nothing about the steady state.
+        self._warm = False
 
     def add(self, step: int, metrics, wait_s: float) -> None:
         self.window.append((step, metrics))
@@ -178,7 +181,7 @@ class StepMeter:
         row["data_wait_ms"] = 1e3 * self.wait / max(n, 1)
         row["data_wait_fraction"] = self.wait / elapsed
         row["epoch"] = step / self.steps_per_epoch
-        if (row["data_wait_fraction"] > self.WARN_WAIT_FRACTION
+        if (self._warm and row["data_wait_fraction"] > self.WARN_WAIT_FRACTION
                 and time.monotonic() - self._last_warning > 600):
             self._last_warning = time.monotonic()
             log.warning("input-bound: %.0f%% of the last %d steps waited for data (%.1f ms/step)"
@@ -187,7 +190,7 @@ class StepMeter:
                         "(data.cache=True), or add host cores", 100 * row["data_wait_fraction"],
                         n,
                         row["data_wait_ms"])
-        self.window, self.checked, self.wait = [], 0, 0.0
+        self.window, self.checked, self.wait, self._warm = [], 0, 0.0, True
         self.t0 = time.perf_counter()
         return row
 
