@@ -9,6 +9,10 @@ import sys as _sys
 # submodule can import TensorFlow; 2 keeps their errors.
 if "--verbose" not in _sys.argv[1:] and not _os.environ.get("DEEPVIT_VERBOSE"):
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Newer TensorFlow prints its import-time notices whatever that says (tf_notices.py).
+    from deepvit_jax import tf_notices as _tf_notices
+
+    _tf_notices.install()
 
 from deepvit_jax.models import (DeepViT, ModelConfig, count_params, create_model, get_config,
                                 list_models)

@@ -146,3 +146,25 @@ def test_check_output(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         cli.check_output(str(tmp_path / "old.npy"), [], suffix=".npy", overwrite=False)
     assert cli.check_output("rel.json", []) == os.path.abspath("rel.json")
+
+
+def test_tensorflow_import_notices_are_filtered_and_errors_kept(capfd):
+    """What TensorFlow writes to fd 2 while it is imported: its INFO / WARNING notices are
+    dropped (TF_CPP_MIN_LOG_LEVEL does not reach them), anything else is written through."""
+    from deepvit_jax.tf_notices import filtered_stderr
+
+    notice = ("WARNING: All log messages before absl::InitializeLog() is called are written "
+              "to STDERR\nI0000 00:00:1796577370.643258    3405 port.cc:153] oneDNN custom "
+              "operations are on.\nW0000 00:00:1796577370.643258    3405 cpu.cc:7] a warning\n")
+    with filtered_stderr():
+        os.write(2, notice.encode())
+        os.write(2, b"E0000 00:00:1796577370.643258    3405 x.cc:1] a real error\n")
+        print("a Python warning", file=sys.stderr)
+    err = capfd.readouterr().err
+    # (under capfd, sys.stderr is pytest's own: the Python line may come first)
+    assert sorted(err.splitlines()) == [
+        "E0000 00:00:1796577370.643258    3405 x.cc:1] a real error", "a Python warning"]
+    # The package installs it: importing TensorFlow after deepvit_jax prints no notice.
+    r = subprocess.run([sys.executable, "-c", "import deepvit_jax, tensorflow"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
