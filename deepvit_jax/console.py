@@ -5,8 +5,8 @@ never breaks it; INFO (and the libraries' per-step chatter) only with ``--verbos
 TensorFlow's and XLA's C++ notices (e.g. the oneDNN notice) are hidden unless ``--verbose``:
 ``TF_CPP_MIN_LOG_LEVEL`` is set when the package is imported (``deepvit_jax/__init__.py``),
 before any command imports TensorFlow, and the notices newer TensorFlow prints at import
-whatever that says are filtered out of that import's stderr (``tf_notices.py``). A run's ``train.log`` (:func:`add_log_file`) gets
-INFO and above.
+whatever that says are filtered out of that import's stderr (``tf_notices.py``). A run's
+``train.log`` (:func:`add_log_file`) gets INFO and above.
 """
 
 from __future__ import annotations

@@ -188,3 +188,36 @@ def test_no_libtpu_names_the_install_command(monkeypatch):
     monkeypatch.setattr(metadata, "version", missing)
     with pytest.raises(InputError, match=r"pip install 'deepvit-jax\[tpu\]'"):
         aot.libtpu_version()
+
+
+def test_batch_search_brackets_the_largest_batch_that_fits():
+    """``search_batch`` against a capacity set to what 64 images need on a v5e chip: it
+    doubles past 64, then bisects to within 1/16 - the batch it returns fits, and it is at
+    least 64 (memory grows with the batch)."""
+    devices = aot.topology_devices(aot.topology("v5e-1"))
+    s = aot.build(_config(8), devices)
+    big = 16 * 2**30
+
+    def total(batch):
+        return aot.analyse(aot.lower_train(s, batch), big, 1, batch)["memory"]["total"]
+
+    capacity = total(64)
+    assert total(128) > capacity  # the bracket the search must find
+    found = aot.search_batch(s, capacity, 16)
+    assert 64 <= found["global"] <= 64 + 64 // 16 and found["per_chip"] == found["global"]
+    assert total(found["global"]) <= capacity and not found["limit_reached"]
+
+
+def test_command_search_batch_says_when_it_stopped_at_the_limit(tmp_path):
+    """``--search-batch`` on the tiny model, which fits at the search's limit on a v5e chip:
+    the report says 'at least' that batch, and the JSON records that the limit was reached."""
+    out = tmp_path / "report.json"
+    r = _run_aot("--config", "default", "--topology", "v5e-1", "--json", str(out),
+                 f"--config.batch_size={aot.SEARCH_LIMIT // 2}", "--config.eval.batch_size=8",
+                 f"--num-train={aot.SEARCH_LIMIT}", "--search-batch", *_flags())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["max_per_chip_batch"] == rep["max_global_batch"] == aot.SEARCH_LIMIT
+    assert rep["max_batch_limit_reached"] is True
+    assert (f"largest per-chip train batch that fits: at least {aot.SEARCH_LIMIT} (the search "
+            f"stops at {aot.SEARCH_LIMIT} images per batch shard)") in r.stdout

@@ -10,14 +10,16 @@ search), ``report.py`` (the report and its console form), ``__main__.py`` (the c
 and ``run``, the ``deepvit-aot`` console script).
 """
 
-from deepvit_jax.aot.compiled import COLLECTIVES, analyse, collectives, search_batch
+from deepvit_jax.aot.compiled import (COLLECTIVES, SEARCH_LIMIT, analyse, collectives,
+                                      search_batch)
 from deepvit_jax.aot.programs import KNOWN_DATASETS, Setup, build, lower_eval, lower_train
 from deepvit_jax.aot.report import compile_report, format_report, not_fitting
 from deepvit_jax.aot.topologies import (ALIASES, GIB, INSTALL, TOPOLOGIES, Topology,
                                         libtpu_version, prepare_host, topology,
                                         topology_devices)
 
-__all__ = ["ALIASES", "COLLECTIVES", "GIB", "INSTALL", "KNOWN_DATASETS", "TOPOLOGIES", "Setup",
+__all__ = ["ALIASES", "COLLECTIVES", "GIB", "INSTALL", "KNOWN_DATASETS", "SEARCH_LIMIT",
+           "TOPOLOGIES", "Setup",
            "Topology", "analyse", "build", "collectives", "compile_report", "format_report",
            "libtpu_version", "lower_eval", "lower_train", "not_fitting", "prepare_host",
            "search_batch", "topology", "topology_devices"]

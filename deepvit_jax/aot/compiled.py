@@ -107,7 +107,10 @@ def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
             "collectives": collectives(compiled.as_text())}
 
 
-def search_batch(s: Setup, capacity: int, start: int, *, limit: int = 4096) -> dict:
+SEARCH_LIMIT = 4096  # images per batch shard: the batch search stops there
+
+
+def search_batch(s: Setup, capacity: int, start: int, *, limit: int = SEARCH_LIMIT) -> dict:
     """The largest batch whose train step fits, per batch shard (data x fsdp) doubling from
     ``start`` up to ``limit``, then bisecting to within 1/16: {'global', 'per_chip'}
     (0 when one image per shard does not fit)."""

@@ -9,7 +9,7 @@ import logging
 import jax
 
 from deepvit_jax import parallel
-from deepvit_jax.aot.compiled import analyse, search_batch
+from deepvit_jax.aot.compiled import SEARCH_LIMIT, analyse, search_batch
 from deepvit_jax.aot.programs import build, lower_eval, lower_train
 from deepvit_jax.aot.topologies import (ALIASES, GIB, libtpu_version, topology,
                                         topology_devices)
@@ -52,6 +52,7 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
         found = search_batch(s, capacity, max(1, gb // shards))
         report["max_per_chip_batch"] = found["per_chip"]
         report["max_global_batch"] = found["global"]
+        report["max_batch_limit_reached"] = bool(found["limit_reached"])
     return report
 
 
@@ -88,7 +89,11 @@ def format_report(r: dict) -> str:
              f"attention {r['attention_impl']}, {r['dtype']}"]
     lines += [_step_line(step, r[step]) for step in ("train", "eval")]
     if "max_per_chip_batch" in r:
-        lines.append(f"  largest per-chip train batch that fits: {r['max_per_chip_batch']}")
+        limit = r.get("max_batch_limit_reached")
+        lines.append("  largest per-chip train batch that fits: "
+                     + (f"at least {r['max_per_chip_batch']} (the search stops at "
+                        f"{SEARCH_LIMIT} images per batch shard)" if limit
+                        else str(r["max_per_chip_batch"])))
     if r["attention_impl"] == "pallas":
         lines.append("  (XLA's FLOP count does not see inside the Pallas kernels)")
     return "\n".join(lines)
