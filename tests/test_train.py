@@ -443,3 +443,26 @@ def test_input_bound_warning_skips_the_start_up_window(caplog):
         meter.add(3, m, wait_s=5.0)
         meter.summary(3)
         assert len(caplog.records) == 1
+        assert caplog.records[0].getMessage().endswith("; add host cores")
+        # No advice (a CPU backend: input and model share the cores): no warning at all.
+        quiet = StepMeter(batch_size=4, steps_per_epoch=10, advice=None)
+        for step in (1, 2, 3):
+            quiet.add(step, m, wait_s=5.0)
+            assert quiet.summary(step)["data_wait_fraction"] > StepMeter.WARN_WAIT_FRACTION
+        assert len(caplog.records) == 1
+
+
+def test_input_advice_names_only_settings_that_would_help():
+    from deepvit_jax.data.config import default_data_config, digits_data_config
+    from deepvit_jax.train.reporting import input_advice
+
+    imagenet = default_data_config()  # RandAugment + erasing on the host, no cache
+    assert input_advice(imagenet, "tpu") == (
+        "move RandAugment / erasing to the accelerator (data.device_augment=True), cache a "
+        "split that fits in host memory (data.cache=True), or add host cores")
+    imagenet.device_augment = True
+    assert input_advice(imagenet, "gpu") == (
+        "cache a split that fits in host memory (data.cache=True), or add host cores")
+    digits = digits_data_config()  # no RandAugment / erasing, cached
+    assert input_advice(digits, "gpu") == "add host cores"
+    assert input_advice(digits, "cpu") is None  # the embedded default on a CPU: no warning

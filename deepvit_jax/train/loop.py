@@ -37,7 +37,8 @@ from deepvit_jax.train import config as config_lib
 from deepvit_jax.train import evaluator as evaluator_lib
 from deepvit_jax.train import state as state_lib
 from deepvit_jax.train.program import batch_sizes, make_program, model_config
-from deepvit_jax.train.reporting import MetricWriter, Preemption, StepMeter, check_finite_state
+from deepvit_jax.train.reporting import (MetricWriter, Preemption, StepMeter,
+                                         check_finite_state, input_advice)
 from deepvit_jax.workdir import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ class Training:
         # resume_step -1 keeps no metrics row and rewrites tensorboard/ from none.
         self.writer = MetricWriter(run.workdir,
                                    resume_step=run.start_step if run.resumed else -1)
-        self.meter = StepMeter(c.batch_size, run.length.steps_per_epoch)
+        self.meter = StepMeter(c.batch_size, run.length.steps_per_epoch,
+                               advice=input_advice(c.data, jax.default_backend()))
         self.bar = _progress_bar(run.length.total_steps, run.start_step)
         # Attention-collapse probe on the first eval images (built before the eval wrapper).
         self.probe = make_probe(run.model_def, run.rest,

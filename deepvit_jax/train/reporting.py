@@ -122,14 +122,34 @@ def _finite(m) -> bool:
     return all(np.isfinite(float(m[k])) for k in ("train/loss", "train/grad_norm"))
 
 
+def input_advice(data_cfg, backend: str) -> str | None:
+    """What would shorten a run's waits for input, for the input-bound warning; None when no
+    setting would: on a CPU backend the input pipeline and the model share the same cores,
+    so a wait there is the model's own compute, not a slow input."""
+    if backend == "cpu":
+        return None
+    tips = []
+    if (data_cfg.get("randaugment") or data_cfg.get("random_erasing")) and not data_cfg.get(
+            "device_augment"):
+        tips.append("move RandAugment / erasing to the accelerator (data.device_augment=True)")
+    if not data_cfg.get("cache"):
+        tips.append("cache a split that fits in host memory (data.cache=True)")
+    tips.append("add host cores")
+    return ", ".join(tips[:-1]) + (", or " if len(tips) > 1 else "") + tips[-1]
+
+
 class StepMeter:
     """The training steps since the last log row: their metrics (device arrays until read),
     img/s and the time spent waiting for input. :meth:`check` is the NaN check."""
 
     WARN_WAIT_FRACTION = 0.25  # of the wall time: the input pipeline is the bottleneck
 
-    def __init__(self, batch_size: int, steps_per_epoch: int):
+    def __init__(self, batch_size: int, steps_per_epoch: int,
+                 advice: str | None = "add host cores"):
+        """``advice``: what would help when the input is the bottleneck (:func:`input_advice`);
+        None: no warning (the wait is still in every row)."""
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.advice = advice
         self.window: list[tuple[int, Any]] = []
         self.checked = 0  # how many of the window's steps are known finite
         self.wait = 0.0
@@ -181,15 +201,12 @@ class StepMeter:
         row["data_wait_ms"] = 1e3 * self.wait / max(n, 1)
         row["data_wait_fraction"] = self.wait / elapsed
         row["epoch"] = step / self.steps_per_epoch
-        if (self._warm and row["data_wait_fraction"] > self.WARN_WAIT_FRACTION
+        if (self.advice and self._warm and row["data_wait_fraction"] > self.WARN_WAIT_FRACTION
                 and time.monotonic() - self._last_warning > 600):
             self._last_warning = time.monotonic()
             log.warning("input-bound: %.0f%% of the last %d steps waited for data (%.1f ms/step)"
-                        "; move RandAugment / erasing to the accelerator "
-                        "(data.device_augment=True), cache a split that fits in host memory "
-                        "(data.cache=True), or add host cores", 100 * row["data_wait_fraction"],
-                        n,
-                        row["data_wait_ms"])
+                        "; %s", 100 * row["data_wait_fraction"], n, row["data_wait_ms"],
+                        self.advice)
         self.window, self.checked, self.wait, self._warm = [], 0, 0.0, True
         self.t0 = time.perf_counter()
         return row
