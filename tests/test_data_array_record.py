@@ -254,3 +254,78 @@ def test_two_real_processes_give_the_one_process_batches(data_dir, tmp_path):
         np.testing.assert_array_equal(
             np.concatenate([x[f"arr_{s}"] for x in parts]), next(one)["image"])
     assert str(parts[0]["state"]) == str(parts[1]["state"]) == repr(one.get_state())
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    import os
+
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), set()).add(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        kids = parents.get(todo.pop(), set())
+        out |= kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_run_and_leaves_no_worker_process(data_dir, tmp_path):
+    """A real training run reading through 2 grain worker processes gets SIGTERM: it saves,
+    exits 0, and none of its worker processes outlives it."""
+    import json
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    wd = tmp_path / "run"
+    tiny = ["--config.model.embed_dim=16", "--config.model.depth=2",
+            "--config.model.num_heads=2", "--config.model.reattn_blocks=(0,1)",
+            "--config.batch_size=32", "--config.log_every_steps=1",
+            "--config.eval.bn_recalibration_batches=0", "--config.collapse_every_steps=0"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "deepvit_jax.main", f"--config={root}/configs/default.py",
+         f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
+         "--config.data.reader=array_record", "--config.data.num_workers=2", *tiny],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    metrics, t0 = wd / "metrics.jsonl", time.time()
+    try:
+        while not (metrics.exists() and any(
+                "train/loss" in json.loads(line) for line in metrics.read_text().splitlines()
+                if line.strip())):
+            assert p.poll() is None and time.time() - t0 < 240, p.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = _children(p.pid)
+        assert len(workers) >= 2  # the grain workers (and whatever they started)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out + err
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [w for w in workers if _alive(w)] == []
