@@ -117,6 +117,9 @@ def test_train_notebook_installs_into_a_preinstalled_stack_on_simulated_colab(tm
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.setenv("TMPDIR", str(tb_tmp))  # TensorBoard's info files (to stop it after)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    # The `tensorboard` executable on PATH, as on Colab (the %tensorboard magic runs it).
+    monkeypatch.setenv("PATH", os.pathsep.join([str(pathlib.Path(sys.executable).parent),
+                                                os.environ.get("PATH", "")]))
     tiny = {"model.embed_dim": 16, "model.depth": 2, "model.num_heads": 2,
             "model.reattn_blocks": [0, 1], "batch_size": 32, "log_every_steps": 1,
             "eval.bn_recalibration_batches": 0, "ema_decay": 0.0, "eval.batch_size": 120,
@@ -139,8 +142,10 @@ def test_train_notebook_installs_into_a_preinstalled_stack_on_simulated_colab(tm
     assert "removed the lock of the runtime that trained here before (host colab-vm-gone" in out
     assert "config: configs/colab.py:cpu_small,digits" in out
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
-    # The TensorBoard cell ran without error (papermill fails on any cell error); what it
-    # displays is not asserted (no frame output reached the executed notebook here).
+    # The TensorBoard cell shows TensorBoard in Colab's output frame (its proxied port).
+    scripts = [o["data"]["application/javascript"] for c in nb.cells
+               for o in c.get("outputs", []) if "application/javascript" in o.get("data", {})]
+    assert any("google.colab.kernel.proxyPort(" in js for js in scripts), scripts
 
     # The stack is as it was, pip is content, TensorFlow imports, JAX sees the same devices.
     assert _versions() == before
