@@ -55,9 +55,9 @@ from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint, load_im
 
 __all__ = [
     "DEFAULT_THRESHOLD", "adjacent_cosines", "adjacent_similarity", "analyse",
-    "analyse_checkpoint", "analyse_collapse", "block_outputs", "cka_matrix", "linear_cka",
-    "pair_measures", "pair_sums", "quantiles", "row_entropy",
-    "cls_attention", "collect_maps", "cross_layer_similarity", "inter_head_similarity",
-    "load_images", "make_probe", "mean_off_diagonal", "plot_attention", "plot_similarity",
-    "probe_metrics", "similar_blocks", "similarity_to_next", "summarise", "unit_columns",
+    "analyse_checkpoint", "analyse_collapse", "block_outputs", "cka_matrix", "cls_attention",
+    "collect_maps", "cross_layer_similarity", "inter_head_similarity", "linear_cka",
+    "load_images", "make_probe", "mean_off_diagonal", "pair_measures", "pair_sums",
+    "plot_attention", "plot_similarity", "probe_metrics", "quantiles", "row_entropy",
+    "similar_blocks", "similarity_to_next", "summarise", "unit_columns",
 ]

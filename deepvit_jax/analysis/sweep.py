@@ -258,7 +258,8 @@ def _parser():
     p.add_argument("--depths", type=cli.int_list, default=d.depths)
     p.add_argument("--seeds", type=cli.int_list, default=d.seeds)
     p.add_argument("--width", type=int, default=d.width, help="width of the depth sweep")
-    p.add_argument("--widths", type=cli.int_list, default=d.widths, help="plain-ViT width sweep ('' = none)")
+    p.add_argument("--widths", type=cli.int_list, default=d.widths,
+                   help="plain-ViT width sweep ('' = none)")
     p.add_argument("--width-depth", type=int, default=d.width_depth)
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--steps", type=int, default=d.steps)
