@@ -134,3 +134,106 @@ def test_cka_identity_rotation_scale_and_numpy():
     assert m[0, 1] == pytest.approx(_cka_numpy(x, y), abs=1e-10)
     with pytest.raises(ValueError, match="expected \\(blocks, samples, channels\\)"):
         sim.cka_matrix(x)
+
+
+def test_analyse_collapse_on_a_model_matches_numpy():
+    """block_outputs gives the model's own logits and maps; the softmax maps before mixing
+    are stochastic rows; analyse_collapse's numbers are NumPy's on those maps / tokens."""
+    from flax import nnx
+
+    from deepvit_jax import create_model
+
+    model = create_model("deepvit_16b", num_classes=10, rngs=nnx.Rngs(0), image_size=16,
+                         patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    model.eval()
+    x = np.random.default_rng(4).normal(size=(5, 16, 16, 3)).astype(np.float32)
+    logits, weights, softmax, tokens = analysis.block_outputs(model, x)
+    want_logits, want_maps = model(x, return_attention=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5)
+    weights = [np.asarray(w, np.float64) for w in weights]
+    softmax = [np.asarray(s, np.float64) for s in softmax]
+    tokens = np.stack([np.asarray(t, np.float64) for t in tokens])
+    for a, b in zip(weights, want_maps, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), atol=1e-6)
+    for s in softmax:
+        assert s.min() >= 0
+        np.testing.assert_allclose(s.sum(-1), 1, atol=1e-5)
+    r = analysis.analyse_collapse(model, x, batch_size=2, threshold=0.5)
+    json.dumps(r)
+    for kind, maps in (("weights", weights), ("softmax", softmax)):
+        eq2, ab, al = _measures_numpy(maps)
+        for name, m in (("eq2", eq2), ("abs", ab), ("aligned", al)):
+            np.testing.assert_allclose(r[f"{kind}/{name}"]["matrix"], m, atol=1e-5)
+            np.testing.assert_allclose(r[f"{kind}/{name}"]["adjacent"], np.diag(m, 1),
+                                       atol=1e-5)
+            assert r[f"{kind}/{name}"]["similar_blocks"] == int(np.sum(np.diag(m, 1) >= 0.5))
+        cos = np.stack([_element_cosines(maps[p], maps[p + 1]) for p in range(2)])
+        np.testing.assert_allclose(r[f"{kind}/quantiles"]["q50"],
+                                   [np.median(c) for c in cos], atol=1e-5)
+        assert sum(r[f"{kind}/histogram"]) == cos[1:].size  # pairs of the second half
+    ent = [np.mean([-np.sum(row[row > 0] * np.log(row[row > 0]))
+                    for row in s.reshape(-1, s.shape[-1])]) / np.log(5) for s in softmax]
+    np.testing.assert_allclose(r["softmax/uniformity"], ent, atol=1e-5)
+    feats = tokens.reshape(3, -1, 16)
+    np.testing.assert_allclose(r["cka"]["adjacent"],
+                               [_cka_numpy(feats[p], feats[p + 1]) for p in range(2)],
+                               atol=1e-6)
+
+
+TINY = ["--depths", "2,3", "--seeds", "0", "--widths", "", "--width", "8", "--heads", "2",
+        "--steps", "2", "--batch-size", "16", "--image-size", "8", "--patch-size", "4",
+        "--num-images", "8"]
+
+
+def test_sweep_writes_its_report_and_resumes_without_redoing_finished_runs(
+        tmp_path, data_dir, monkeypatch, capsys):
+    trained = []
+    real = sweep._train
+    monkeypatch.setattr(sweep, "_train", lambda c, w: (trained.append(os.path.basename(w)),
+                                                       real(c, w)))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--data-dir", data_dir, *TINY]
+    assert analysis_main.main(argv) == 0
+    names = ["vit_d2_w8_s0", "deepvit_d2_w8_s0", "vit_d3_w8_s0", "deepvit_d3_w8_s0"]
+    assert trained == names
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_runs"] == 4 and sorted(report["runs"]) == sorted(names)
+    d3 = report["depth_sweep"]["deepvit"]["3"]
+    assert d3["seeds"] == [0] and len(d3["weights/eq2"]["adjacent_mean_over_seeds"]) == 2
+    assert 0 <= d3["top1"]["mean"] <= 100
+    for f in ("adjacent.png", "depth.png", "histogram.png"):
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[4/4] deepvit_d3_w8_s0: top-1" in capsys.readouterr().out
+    # Interrupted: one run's directory lost, another trained but not analysed yet.
+    import shutil
+
+    shutil.rmtree(out / "runs" / "vit_d3_w8_s0")
+    (out / "runs" / "deepvit_d2_w8_s0" / "result.json").unlink()
+    kept = out / "runs" / "vit_d2_w8_s0" / "result.json"
+    mtime = kept.stat().st_mtime_ns
+    trained.clear()
+    assert analysis_main.main(argv) == 0
+    assert trained == ["vit_d3_w8_s0"]  # only the missing run is trained again
+    assert kept.stat().st_mtime_ns == mtime  # a finished run is read back, not redone
+    assert (out / "runs" / "deepvit_d2_w8_s0" / "result.json").exists()  # re-analysed
+    assert json.loads((out / "report.json").read_text())["num_runs"] == 4
+    # another sweep's settings in the same --out: refused in one line, nothing trained
+    trained.clear()
+    capsys.readouterr()
+    assert analysis_main.main([*argv, "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was made with other settings" in err and len(err.splitlines()) == 1
+    assert trained == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depths", "1"], "need at least 2 blocks"),
+    (["--width", "6", "--heads", "4"], "width 6: must be a positive multiple of --heads 4"),
+    (["--image-size", "10", "--patch-size", "4"], "--image-size 10 is not a multiple"),
+    (["--seeds", ""], "--seeds: give at least one"),
+])
+def test_sweep_bad_settings_are_one_line(tmp_path, capsys, flags, message):
+    assert analysis_main.main(["sweep", "--out", str(tmp_path / "s"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "s" / "runs")
