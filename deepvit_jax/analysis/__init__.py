@@ -18,6 +18,10 @@ Python API (``from deepvit_jax import analysis``):
   threshold=...) <analyse>` -> JSON-ready dict; for a checkpoint path (model directory,
   training workdir or checkpoint, as ``deepvit_jax.saved_run`` reads them):
   :func:`analyse_checkpoint`.
+* every like-for-like measure at once (softmax maps before mixing, |cos|, sign-aligned
+  cosine, quantiles, row entropy, linear CKA of the block outputs; docs/collapse.md):
+  :func:`analyse_collapse(model, images) <analyse_collapse>`; the study over depths and
+  seeds: ``python -m deepvit_jax.analysis sweep`` (``deepvit_jax.analysis.sweep``).
 * figures (matplotlib, PNG): :func:`plot_similarity` (several checkpoints on one figure),
   :func:`plot_attention` (class-token attention of chosen blocks over the image, head-averaged
   and per head).
@@ -26,15 +30,23 @@ Python API (``from deepvit_jax import analysis``):
 """
 
 from deepvit_jax.analysis.collect import analyse, collect_maps, summarise
+from deepvit_jax.analysis.measures import analyse_collapse, block_outputs
 from deepvit_jax.analysis.monitor import make_probe, probe_metrics
 from deepvit_jax.analysis.plots import plot_attention, plot_similarity
 from deepvit_jax.analysis.similarity import (
     DEFAULT_THRESHOLD,
+    adjacent_cosines,
     adjacent_similarity,
+    cka_matrix,
     cls_attention,
     cross_layer_similarity,
     inter_head_similarity,
+    linear_cka,
     mean_off_diagonal,
+    pair_measures,
+    pair_sums,
+    quantiles,
+    row_entropy,
     similar_blocks,
     similarity_to_next,
     unit_columns,
@@ -42,8 +54,10 @@ from deepvit_jax.analysis.similarity import (
 from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint, load_images
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "adjacent_similarity", "analyse", "analyse_checkpoint",
-    "cls_attention", "collect_maps", "cross_layer_similarity", "inter_head_similarity",
-    "load_images", "make_probe", "mean_off_diagonal", "plot_attention", "plot_similarity",
-    "probe_metrics", "similar_blocks", "similarity_to_next", "summarise", "unit_columns",
+    "DEFAULT_THRESHOLD", "adjacent_cosines", "adjacent_similarity", "analyse",
+    "analyse_checkpoint", "analyse_collapse", "block_outputs", "cka_matrix", "cls_attention",
+    "collect_maps", "cross_layer_similarity", "inter_head_similarity", "linear_cka",
+    "load_images", "make_probe", "mean_off_diagonal", "pair_measures", "pair_sums",
+    "plot_attention", "plot_similarity", "probe_metrics", "quantiles", "row_entropy",
+    "similar_blocks", "similarity_to_next", "summarise", "unit_columns",
 ]

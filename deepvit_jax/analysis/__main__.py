@@ -6,6 +6,7 @@
       --out analysis/vit
   python -m deepvit_jax.analysis --checkpoint models/deepvit_s --dataset imagenet2012 \\
       --num-images 64 --blocks 0,7,15 --out analysis/deepvit_s
+  python -m deepvit_jax.analysis sweep --out runs/collapse_sweep   # the study (sweep.py)
 
 Each ``--checkpoint PATH`` (repeat it for several) is a model directory, a training workdir
 (its latest checkpoint, or each of ``--steps``) or one training checkpoint. Over the first
@@ -33,6 +34,7 @@ import numpy as np
 
 from deepvit_jax import cli, saved_run
 from deepvit_jax.analysis import similarity as sim
+from deepvit_jax.analysis import sweep
 from deepvit_jax.analysis.checkpoint_analysis import analyse_checkpoint
 from deepvit_jax.analysis.collect import collect_maps
 from deepvit_jax.analysis.plots import plot_attention, plot_similarity
@@ -51,6 +53,9 @@ def _label(path: str, step: int | None, kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # the depth / seed / width study (analysis/sweep.py)
+        return sweep.main(argv[1:])
     p = cli.parser("deepvit_jax.analysis", "Cross-layer and inter-head attention similarity "
                    "(DeepViT Eq. 2) and attention maps of checkpoints.", __doc__)
     cli.add_checkpoint_flag(p, many=True)

@@ -121,3 +121,90 @@ def check_maps(maps: Sequence) -> None:
     (shape,) = shapes
     if len(shape) != 4 or shape[-1] != shape[-2]:
         raise ValueError(f"attention maps: expected (batch, heads, N, N) per block, got {shape}")
+
+
+# --------------------------------------------------------------------------------------
+# Like-for-like measures (docs/collapse.md, "Measures"): per-element cosines, sign-invariant
+# forms, the uniformity of the softmax maps, linear CKA of the blocks' output tokens.
+# --------------------------------------------------------------------------------------
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def adjacent_cosines(maps, center: bool = False) -> jnp.ndarray:
+    """(D - 1, B, H, N): Eq. 2's cosine M^{p,p+1}_{h,t} for every image, head and token
+    (not averaged: its distribution is what :func:`quantiles` summarises)."""
+    u = unit_columns(maps, center)
+    return jnp.einsum("pbhit,pbhit->pbht", u[:-1], u[1:])
+
+
+def pair_sums(maps, center: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(signed, absolute), each (D, D, H): Eq. 2's cosine M^{p,q}_{h,t} and its absolute
+    value, summed over images and tokens. Summed over batches and divided by
+    (images x tokens) they give every measure of :func:`pair_measures`."""
+    u = unit_columns(maps, center)
+    cos = jnp.einsum("pbhit,qbhit->pqbht", u, u)
+    return jnp.sum(cos, axis=(2, 4)), jnp.sum(jnp.abs(cos), axis=(2, 4))
+
+
+def pair_measures(signed, absolute, count: int) -> dict[str, np.ndarray]:
+    """Three D x D matrices from :func:`pair_sums` totals over ``count`` = images x tokens:
+
+    * ``eq2``: the paper's mean cosine, (1/H) sum_h S_h / count;
+    * ``abs``: the mean of |cosine| (a sign flip of any column does not change it);
+    * ``aligned``: each head's mean cosine with its sign aligned, (1/H) sum_h |S_h| / count
+      (the cosine after flipping head h of block q wherever that makes its mean positive).
+    """
+    s = np.asarray(signed, np.float64) / count
+    a = np.asarray(absolute, np.float64) / count
+    return {"eq2": s.mean(axis=-1), "abs": a.mean(axis=-1), "aligned": np.abs(s).mean(axis=-1)}
+
+
+def row_entropy(maps) -> jnp.ndarray:
+    """(D,) the entropy of every row of non-negative maps (softmax maps) divided by log N,
+    summed over (B, H, N) per block (divide by B x H x N for the mean): 1 for uniform
+    averaging over every token, 0 for one-hot attention."""
+    m = _stack(maps)
+    n = m.shape[-1]
+    ent = -jnp.sum(jnp.where(m > 0, m * jnp.log(jnp.maximum(m, 1e-30)), 0.0), axis=-1)
+    return jnp.sum(ent, axis=(1, 2, 3)) / np.log(n)
+
+
+def linear_cka(x, y) -> float:
+    """Linear CKA (Kornblith et al. 2019) between two feature matrices (samples x
+    features): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with columns centred; 1 for
+    features equal up to an orthogonal transform and an isotropic scale."""
+    return float(cka_matrix(np.stack([x, y]) if np.shape(x) == np.shape(y)
+                            else _pad_pair(x, y))[0, 1])
+
+
+def _pad_pair(x, y) -> np.ndarray:
+    """Two (n, c) and (n, c') feature matrices zero-padded to one width (CKA is unchanged
+    by constant zero columns)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    c = max(x.shape[1], y.shape[1])
+    return np.stack([np.pad(a, ((0, 0), (0, c - a.shape[1]))) for a in (x, y)])
+
+
+def cka_matrix(features) -> np.ndarray:
+    """(D, D) linear CKA between every two blocks' features; ``features``: (D, samples, C)
+    (every token of every image is a sample). 0 where a block's features are constant."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 3:
+        raise ValueError(f"features: expected (blocks, samples, channels), got {f.shape}")
+    f = f - f.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(np.einsum("pnc,pnd->pcd", f, f), axis=(1, 2))  # ||Xc^T Xc||_F
+    d = f.shape[0]
+    out = np.eye(d)
+    for p in range(d):
+        for q in range(p + 1, d):
+            den = norms[p] * norms[q]
+            out[p, q] = out[q, p] = np.sum((f[q].T @ f[p]) ** 2) / den if den > 0 else 0.0
+    return out
+
+
+def quantiles(values, qs=QUANTILES) -> dict[str, list[float]]:
+    """Per block pair (first axis), the quantiles of all its other values (e.g. the
+    (D - 1, B, H, N) cosines of :func:`adjacent_cosines`), keys 'q05', 'q25', ..."""
+    v = np.asarray(values, np.float64).reshape(len(values), -1)
+    return {f"q{round(q * 100):02d}": np.quantile(v, q, axis=1).tolist() for q in qs}

@@ -386,6 +386,13 @@ class Attention(nnx.Module):
         out = self.proj(xla_attn.merge_heads(out))
         return self.proj_drop(out), self._maps(q, k) if return_attention else None
 
+    def softmax_maps(self, x):
+        """(B, H, N, N) float32: softmax(q k^T * scale) of this block's own queries and keys
+        for the (normed) input ``x``: the map before Re-attention's mixing (for a plain block,
+        the map that weighs the values)."""
+        q, k, _ = xla_attn.split_qkv(self.qkv(x), self.num_heads, self.head_dim)
+        return jax.nn.softmax(xla_attn.logits(q, k, self.scale).astype(F32), axis=-1)
+
     def _maps(self, q, k):
         """The map that weighs the values, by the reference formulas (the BatchNorm's, with
         batch or running statistics as the mode says), without touching any state."""
@@ -489,15 +496,30 @@ class DeepViT(nnx.Module):
                 f"of size image_size={cfg.image_size} (create it with image_size=... for "
                 f"another multiple of patch_size={cfg.patch_size})")
 
-    def __call__(self, images, *, return_attention: bool = False):
+    def embed(self, images):
+        """The tokens the first block takes (B, N, C): patch embedding, class token, position
+        embedding."""
         self.check_input(images)
         cfg = self.config
         x = self.patch_embed(images.astype(cfg.dtype))
         b = x.shape[0]
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-        x = self.pos_drop(x)
+        return self.pos_drop(x)
 
+    def classify(self, x):
+        """float32 logits from the last block's tokens (B, N, C): norm, pooling, head."""
+        cfg = self.config
+        if cfg.head_norm == "before_pool":
+            x = self.norm(x)
+        x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
+        if cfg.head_norm == "after_pool":
+            x = self.norm(x)
+        return self.head(x).astype(F32)
+
+    def __call__(self, images, *, return_attention: bool = False):
+        cfg = self.config
+        x = self.embed(images)
         maps = []
         for blk in self.blocks:
             if cfg.remat:
@@ -507,13 +529,7 @@ class DeepViT(nnx.Module):
                 x, attn = blk(x, return_attention=return_attention)
             if return_attention:
                 maps.append(attn)
-
-        if cfg.head_norm == "before_pool":
-            x = self.norm(x)
-        x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
-        if cfg.head_norm == "after_pool":
-            x = self.norm(x)
-        logits = self.head(x).astype(F32)
+        logits = self.classify(x)
         return (logits, maps) if return_attention else logits
 
 
