@@ -15,7 +15,7 @@ from deepvit_jax.analysis import similarity as sim
 from deepvit_jax.utils import atomic_output
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # files only; no display needed
@@ -38,7 +38,7 @@ def plot_similarity(results: Mapping[str, dict], path: str | None = None, *,
     """Several checkpoints on one figure: the similarity of each block to its next k blocks
     against block index (the paper's Fig. 2), the inter-head similarity per block, and each
     checkpoint's D x D cross-layer matrix. ``results``: label -> :func:`analyse` result."""
-    plt = _plt()
+    plt = pyplot()
     labels = list(results)
     n = len(labels)
     fig = plt.figure(figsize=(4.2 * max(n, 2), 7.6), constrained_layout=True)
@@ -80,7 +80,7 @@ def plot_attention(image: np.ndarray, maps: Sequence[np.ndarray], blocks: Sequen
     chosen block, the image, then the head-averaged map, then each head's. ``maps``: the
     list :func:`collect_maps` returns; ``image``: the preprocessed (B, S, S, 3) batch (shown
     un-normalised with ``mean`` / ``std``); ``index``: which image of the batch."""
-    plt = _plt()
+    plt = pyplot()
     image = np.asarray(image)[index]
     shown = np.clip(image * np.asarray(std) + np.asarray(mean), 0, 1)
     heads = np.asarray(maps[0]).shape[1]

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from deepvit_jax.analysis.measures import HISTOGRAM_BINS
-from deepvit_jax.analysis.plots import _plt, save
+from deepvit_jax.analysis.plots import pyplot, save
 
 MODELS = {"vit": "vit_16b", "deepvit": "deepvit_16b"}  # Re-attention in none / every block
 
@@ -80,7 +80,7 @@ def plot_all(report: dict, out: str) -> list[str]:
 
 
 def _plot_adjacent(report: dict, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     thr = report["settings"]["threshold"]
     fig, axes = plt.subplots(len(MEASURES), len(MODELS), figsize=(4.5 * len(MODELS),
                              2.6 * len(MEASURES)), squeeze=False, constrained_layout=True)
@@ -108,7 +108,7 @@ def _errorbar(ax, xs, spreads, label):
 
 
 def _plot_depth(report: dict, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     n = len(MEASURES) + 1
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False,
                              constrained_layout=True)
@@ -130,7 +130,7 @@ def _plot_depth(report: dict, path: str) -> str:
 
 
 def _plot_width(report: dict, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     sweep = report["width_sweep"]
     widths = [int(w) for w in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), constrained_layout=True)
@@ -147,7 +147,7 @@ def _plot_width(report: dict, path: str) -> str:
 
 
 def _plot_histogram(report: dict, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     edges = np.linspace(-1, 1, HISTOGRAM_BINS + 1)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False, constrained_layout=True)
     for col, kind in enumerate(("weights", "softmax")):
