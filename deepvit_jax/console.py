@@ -26,7 +26,15 @@ from deepvit_jax.utils import as_path, is_local
 _NOISY = ("orbax", "tensorflow_datasets", "jax/_src", "jax._src", "absl")
 
 
+# Library warnings about what we do on purpose: Orbax's note that a CheckpointManager is
+# read-only (evaluate, export, analysis read a run that may still be writing).
+_EXPECTED = (("orbax", "Given directory is read only"),)
+
+
 def _not_noisy(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR and any(
+            lib in record.pathname and str(record.msg).startswith(msg) for lib, msg in _EXPECTED):
+        return False
     return record.levelno >= logging.WARNING or not any(
         k in record.pathname or record.name.startswith(k) for k in _NOISY)
 

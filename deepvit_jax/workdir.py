@@ -75,7 +75,8 @@ def train_log(workdir) -> epath.Path:
 def read_only_manager(directory) -> ocp.CheckpointManager:
     """A CheckpointManager that reads ``directory`` (``WORKDIR/checkpoints``) and never
     creates, cleans or deletes anything in it (a run may be writing there); close it."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+    # save_interval_steps=0: what read_only implies (Orbax warns when it has to set it).
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                            cleanup_tmp_directories=False)
     return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=ITEMS)
 

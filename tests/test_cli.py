@@ -168,3 +168,23 @@ def test_tensorflow_import_notices_are_filtered_and_errors_kept(capfd):
     r = subprocess.run([sys.executable, "-c", "import deepvit_jax, tensorflow"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_reading_a_run_prints_no_orbax_read_only_warnings(tmp_path, caplog):
+    """A read-only CheckpointManager (evaluate, export, analysis) sets what read-only implies
+    itself, so Orbax has nothing to override and warn about; its unconditional note that the
+    directory is read-only is kept off the console and train.log."""
+    import logging
+
+    from deepvit_jax import console, workdir
+
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level(logging.WARNING):
+        workdir.read_only_manager(tmp_path / "checkpoints").close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "CheckpointManagerOptions" in m], messages
+    noted = [r for r in caplog.records if r.getMessage().startswith("Given directory is read")]
+    assert noted and not any(console._not_noisy(r) for r in noted)
+    other = logging.LogRecord("absl", logging.WARNING, "/x/orbax/checkpoint/y.py", 1,
+                              "something else", None, None)
+    assert console._not_noisy(other)  # other Orbax warnings still reach the console
