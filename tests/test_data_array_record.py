@@ -256,34 +256,36 @@ def test_two_real_processes_give_the_one_process_batches(data_dir, tmp_path):
     assert str(parts[0]["state"]) == str(parts[1]["state"]) == repr(one.get_state())
 
 
+def _stat(pid) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
 def _children(pid: int) -> set[int]:
     """Every live descendant of ``pid`` (from /proc)."""
     import os
 
     parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents.setdefault(int(fields[1]), set()).add(int(entry))
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        stat = _stat(entry)
+        if stat is not None and stat[0] != "Z":
+            parents.setdefault(stat[1], set()).add(int(entry))
     out, todo = set(), [pid]
     while todo:
         kids = parents.get(todo.pop(), set())
         out |= kids
         todo += kids
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_sigterm_stops_the_run_and_leaves_no_worker_process(data_dir, tmp_path):

@@ -39,12 +39,21 @@ def evaluate_models(eval_step: Callable, models: Sequence[tuple[Any, Any]], rest
                     batches: Iterable) -> list[dict]:
     """:func:`evaluate` of each ``(params, batch_stats)`` in ``models``, in one pass over
     ``batches`` (the live and the EMA model read the split once)."""
-    sums = [None] * len(models)
+    sums, _ = _sum_per_model(eval_step, models, rest, batches)
+    return [_metrics(s) for s in jax.device_get(sums)]
+
+
+def _sum_per_model(step: Callable, models: Sequence[tuple[Any, Any]], rest,
+                   batches: Iterable) -> tuple[list, int]:
+    """(per model, the sum over ``batches`` of ``step(params, batch_stats, rest, batch)``;
+    the number of batches): one pass over ``batches`` for every model."""
+    sums, n = [None] * len(models), 0
     for batch in batches:
         for i, (params, batch_stats) in enumerate(models):
-            out = eval_step(params, batch_stats, rest, batch)
+            out = step(params, batch_stats, rest, batch)
             sums[i] = out if sums[i] is None else jax.tree.map(jnp.add, sums[i], out)
-    return [_metrics(s) for s in jax.device_get(sums)]
+        n += 1
+    return sums, n
 
 
 def _metrics(sums) -> dict:
@@ -64,12 +73,7 @@ def recalibrate_models(bn_stats_step: Callable, models: Sequence[tuple[Any, Any]
                        images: Iterable) -> list:
     """:func:`recalibrate_batch_stats` of each ``(params, batch_stats)`` in ``models``, in one
     pass over ``images`` (the live and the EMA model read the batches once)."""
-    totals, n = [None] * len(models), 0
-    for x in images:
-        for i, (params, batch_stats) in enumerate(models):
-            out = bn_stats_step(params, batch_stats, rest, x)
-            totals[i] = out if totals[i] is None else jax.tree.map(jnp.add, totals[i], out)
-        n += 1
+    totals, n = _sum_per_model(bn_stats_step, models, rest, images)
     if not n:
         raise ValueError("recalibrate_batch_stats: no batches")
     return [jax.tree.map(lambda t: t / n, total) for total in totals]
