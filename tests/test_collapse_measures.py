@@ -203,6 +203,18 @@ def test_sweep_writes_its_report_and_resumes_without_redoing_finished_runs(
     assert 0 <= d3["top1"]["mean"] <= 100
     for f in ("adjacent.png", "depth.png", "histogram.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # report.md: one table row per (model, depth), its cells the JSON's values
+    rows = [line for line in (out / "report.md").read_text().splitlines()
+            if line.startswith(("| vit |", "| deepvit |"))]
+    assert len(rows) == 4
+    cells = next(r for r in rows if r.startswith("| deepvit | 3 |")).strip("| ").split(" | ")
+    t = d3["top1"]
+    assert cells[2:4] == ["0", f"{t['mean']:.1f} ({t['min']:.1f}-{t['max']:.1f})"]
+    similar = [f"{d3[k]['similar_blocks']['mean']:.1f} " for k in
+               ("weights/eq2", "softmax/eq2", "weights/abs", "weights/aligned", "cka")]
+    assert [c[:len(s)] for c, s in zip(cells[4:9], similar)] == similar
+    assert all(c.endswith(" of 2") for c in cells[4:9])
+    assert cells[9].startswith(f"{d3['weights/eq2']['mean_adjacent']['mean']:.2f} (")
     assert "[4/4] deepvit_d3_w8_s0: top-1" in capsys.readouterr().out
     # Interrupted: one run's directory lost, another trained but not analysed yet.
     import shutil

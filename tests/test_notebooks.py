@@ -314,9 +314,20 @@ def test_attention_collapse_notebook(tmp_path, kernel_env):
     tiny = {**TINY, "model.depth": 3, "model.image_size": 32, "total_steps": 3,
             "eval.every_steps": 1000, "checkpoint.every_steps": 1000}
     del tiny["model.reattn_blocks"]  # the variant decides: all blocks (deepvit) or none (vit)
+    sweep = {"depths": [2], "seeds": [0, 1], "widths": [], "width": 8, "num_heads": 2,
+             "steps": 2, "batch_size": 16, "image_size": 8, "patch_size": 4, "num_images": 8}
     nb = execute("attention_collapse.ipynb", tmp_path, OVERRIDES=tiny,
-                 WORKDIR=str(tmp_path / "collapse"), NUM_IMAGES=16, BLOCKS=[0, 2])
+                 WORKDIR=str(tmp_path / "collapse"), NUM_IMAGES=16, BLOCKS=[0, 2],
+                 SWEEP_SETTINGS=sweep)
     out = text_output(nb)
+    # The sweep cell: its four runs, the report's table shown, three figures.
+    report = json.loads((tmp_path / "collapse" / "sweep" / "report.json").read_text())
+    assert sorted(report["runs"]) == sorted(f"{m}_d2_w8_s{s}" for m in ("vit", "deepvit")
+                                            for s in (0, 1))
+    table = "".join(o.data["text/markdown"] for c in nb.cells for o in c.get("outputs", [])
+                    if "text/markdown" in o.get("data", {}))
+    top1 = report["depth_sweep"]["deepvit"]["2"]["top1"]
+    assert f"| deepvit | 2 | 0,1 | {top1['mean']:.1f} ({top1['min']:.1f}-" in table
     lines = dict(re.findall(r"^(ViT|DeepViT): (3 blocks, .*)$", out, re.M))
     assert set(lines) == {"ViT", "DeepViT"}
     from deepvit_jax.analysis import load_images
@@ -335,4 +346,5 @@ def test_attention_collapse_notebook(tmp_path, kernel_env):
         got = re.search(r"mean ([\d.]+), last block pair ([\d.]+); 16 images", lines[label])
         assert float(got.group(1)) == pytest.approx(np.mean(want), abs=1e-3)
         assert float(got.group(2)) == pytest.approx(want[-1], abs=1e-3)
-    assert images_shown(nb) == 3  # the similarity figure and one attention figure per run
+    # the similarity figure, one attention figure per run, the sweep's three figures
+    assert images_shown(nb) == 6

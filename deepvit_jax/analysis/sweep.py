@@ -10,9 +10,9 @@ with the config of :func:`run_config`) in ``OUT/runs/<name>`` and is then analys
 (:func:`~deepvit_jax.analysis.measures.analyse_collapse` over the first ``--num-images``
 test images) into ``OUT/runs/<name>/result.json``. A run with a result is never redone: the
 same command after an interruption (Ctrl-C saves a checkpoint) goes on where it stopped, and
-a run stopped mid-training resumes from its checkpoint. The report, ``OUT/report.json`` and
-``OUT/*.png`` (:mod:`~deepvit_jax.analysis.sweep_report`), is rebuilt from every result at
-the end (``--report-only``: from those there are, training nothing).
+a run stopped mid-training resumes from its checkpoint. The report, ``OUT/report.json``,
+``OUT/report.md`` (its tables) and ``OUT/*.png`` (:mod:`~deepvit_jax.analysis.sweep_report`),
+is rebuilt from every result at the end (``--report-only``: from those there are, training nothing).
 
 The data are the embedded scikit-learn digits (offline; 1437 train / 360 test, 10 classes)
 upscaled to ``--image-size`` px and cut into ``--patch-size`` patches. The command line
@@ -31,7 +31,7 @@ import time
 
 import jax
 
-from deepvit_jax import cli, saved_run
+from deepvit_jax import cli, saved_run, utils
 from deepvit_jax.analysis import similarity as sim
 from deepvit_jax.analysis import sweep_report
 from deepvit_jax.analysis.checkpoint_analysis import load_images
@@ -245,6 +245,8 @@ def sweep(s: Settings, out: str, *, report_only: bool = False, log=print) -> dic
                 f"  ({(time.perf_counter() - start) / 60:.1f} min)")
     report = sweep_report.make_report(dataclasses.asdict(s), results)
     cli.write_json(os.path.join(out, "report.json"), report)
+    with utils.atomic_output(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(sweep_report.markdown_tables(report))
     sweep_report.plot_all(report, out)
     return report
 
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e}: its checkpoint is saved; run the same command to go on",
                   file=sys.stderr)
             return
-        print(f"wrote {os.path.abspath(a.out)}/report.json and its figures")
+        print(f"wrote {os.path.abspath(a.out)}/report.json, report.md (the tables) and the "
+              "figures")
 
     return cli.run_cli(body, input_errors=(ValueError,))

@@ -166,3 +166,44 @@ def _plot_histogram(report: dict, path: str) -> str:
     save(fig, path)
     plt.close(fig)
     return path
+
+
+
+def _cell(s: dict) -> str:
+    """'mean (min-max)' of a spread of percentages."""
+    return f"{s['mean']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def _signed(s: dict) -> str:
+    """'mean (min to max)', two decimals (the values may be negative)."""
+    return f"{s['mean']:.2f} ({s['min']:.2f} to {s['max']:.2f})"
+
+
+def _row(cells: list[str], summ: dict, depth: int) -> str:
+    counts = [summ[k]["similar_blocks"] for k, _ in MEASURES]
+    cells = cells + [",".join(map(str, summ["seeds"])), _cell(summ["top1"])]
+    cells += [f"{c['mean']:.1f} ({c['min']:g}-{c['max']:g}) of {depth - 1}" for c in counts]
+    cells += [_signed(summ["weights/eq2"]["mean_adjacent"]),
+              _signed(summ["weights/abs"]["mean_adjacent"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_tables(report: dict) -> str:
+    """The report's tables (GitHub markdown): per (model, depth) and per plain-ViT width,
+    over seeds, top-1 and each measure's similar blocks, mean (min-max); what
+    ``OUT/report.md`` holds and docs/collapse.md quotes."""
+    head = (["seeds", "top-1 % mean (min-max)"] + [f"similar: {k}" for k, _ in MEASURES]
+            + ["mean adjacent Eq. 2", "mean adjacent \\|cos\\|"])
+    thr = report["settings"]["threshold"]
+    lines = [f'"Similar" = adjacent-block value >= {thr:g}, mean (min-max) over the seeds:',
+             "", "| model | blocks | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for m in MODELS:
+        for d, summ in sorted(report["depth_sweep"][m].items(), key=lambda x: int(x[0])):
+            lines.append(_row([m, d], summ, int(d)))
+    if report["width_sweep"]:
+        wd = report["settings"]["width_depth"]
+        lines += ["", f"Plain-ViT width sweep at {wd} blocks:", "",
+                  "| width | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for w, summ in sorted(report["width_sweep"].items(), key=lambda x: int(x[0])):
+            lines.append(_row([w], summ, wd))
+    return "\n".join(lines) + "\n"

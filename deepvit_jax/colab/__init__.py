@@ -15,9 +15,9 @@ notebooks.
     model = colab.load_weights("DViT_82_16b.pth.tar", "deepvit_s")
 """
 
-from deepvit_jax.colab.display import (Analysed, analyse_checkpoints, classify, sample_image,
-                                      show, show_attention, show_image_attention,
-                                      show_similarity)
+from deepvit_jax.colab.display import (Analysed, analyse_checkpoints, classify, run_sweep,
+                                      sample_image, show, show_attention,
+                                      show_image_attention, show_similarity)
 from deepvit_jax.colab.recipes import config_dir, load_config, prepare_dataset, training_config
 from deepvit_jax.colab.runtime import (DRIVE_MOUNT, DRIVE_ROOT, Runtime, config_arg,
                                       detect_runtime, drive_or_local, in_colab,
@@ -29,6 +29,6 @@ __all__ = ["DRIVE_MOUNT", "DRIVE_ROOT", "OFFICIAL_FILES", "OFFICIAL_REPO", "Anal
            "Runtime", "analyse_checkpoints", "classify", "config_arg", "config_dir",
            "detect_runtime", "download_weights", "drive_or_local", "find_weights", "in_colab",
            "latest_checkpoint", "load_config", "load_weights", "mount_drive",
-           "prepare_dataset", "resolve_workdir", "sample_image", "say", "show",
+           "prepare_dataset", "resolve_workdir", "run_sweep", "sample_image", "say", "show",
            "show_attention", "show_image_attention", "show_similarity", "training_config",
            "upload_weights"]

@@ -106,3 +106,24 @@ def show_image_attention(model, image: str, blocks: Sequence[int]) -> None:
     maps = analysis.collect_maps(model, batch)
     show(analysis.plot_attention(batch, maps, blocks, mean=model.config.mean,
                                  std=model.config.std, title=os.path.basename(image)))
+
+
+def run_sweep(out: str, settings: Mapping[str, Any] | None = None) -> dict:
+    """The collapse study (``python -m deepvit_jax.analysis sweep``) into ``out`` with
+    ``settings`` (``analysis.sweep.Settings`` fields; lists are fine; ``{}`` = the full
+    default study), then its tables and figures inline. Finished runs in ``out`` are read
+    back, not trained again (a new runtime goes on where the last one stopped)."""
+    from IPython.display import Image, Markdown, display
+
+    from deepvit_jax.analysis import sweep, sweep_report
+
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+              for k, v in (settings or {}).items()}
+    s = sweep.Settings(**fields)
+    sweep.enable_compilation_cache(out)
+    report = sweep.sweep(s, out, log=say)
+    display(Markdown(sweep_report.markdown_tables(report)))
+    for name in ("depth.png", "adjacent.png", "histogram.png", "width.png"):
+        if os.path.exists(os.path.join(out, name)):
+            display(Image(filename=os.path.join(out, name)))
+    return report
