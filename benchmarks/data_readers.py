@@ -4,12 +4,16 @@
 
 A TFDS folder dataset of ImageNet-like JPEGs (500x375, from benchmarks/data_throughput.py) is
 prepared with ArrayRecord files; each row consumes ``--steps`` batches of the real
-training iterator (``make_train_iterator``, sharding=None) after a warm-up, wall time, and
-divides by the cores it may use (tf.data: ``private_threadpool_size`` = workers; grain:
-``num_workers`` processes).  Rows are interleaved and repeated (best kept): the machine is
-shared, so compare the ratios of one run.
+training iterator (``make_train_iterator``, sharding=None) after a warm-up (workers started,
+graphs traced, shuffle buffer filled), all within one epoch, and divides the images by the
+CPU time the reader used meanwhile: this process's (every thread: tf.data's pool, grain's
+reader) plus that of its grain worker processes. Images per CPU-second is images per second
+per host core for a reader that keeps its cores busy, and it does not depend on what else
+runs on the machine, unlike wall time (also recorded). tf.data gets ``workers`` threads
+(``private_threadpool_size``), grain ``workers`` processes. Rows are interleaved and
+repeated (best kept).
 
-    python benchmarks/data_readers.py [--images 256] [--steps 6] [--repeats 2]
+    python benchmarks/data_readers.py [--images 640] [--steps 16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -36,11 +40,27 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's live child processes (grain workers)."""
+    import multiprocessing
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for k in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{k.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--images", type=int, default=640)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "data_readers.json"))
@@ -79,7 +99,10 @@ def main(argv=None):
         return c
 
     info = dataset_info(cfg_for("tfrecord", "full", 1))
-    rows = {}
+    if (args.steps + 2) * args.batch > args.images:
+        p.error(f"--images {args.images}: the warm-up and timed steps must fit in one epoch "
+                f"(at least {(args.steps + 2) * args.batch})")
+    rows, wall = {}, {}
     memory = {}
     for _ in range(args.repeats):
         for recipe in ("full_recipe", "device_augment_host_part"):
@@ -90,19 +113,22 @@ def main(argv=None):
                                              sharding=None, seed=0, dataset=info)
                     next(it)                     # warm-up: workers started, graphs traced
                     next(it)
-                    t = time.perf_counter()
+                    t, cpu = time.perf_counter(), time.process_time() + _children_cpu_s()
                     for _ in range(args.steps):
                         next(it)
-                    rate = args.steps * args.batch / (time.perf_counter() - t)
+                    cpu = time.process_time() + _children_cpu_s() - cpu
+                    n = args.steps * args.batch
+                    rate = n / cpu
                     key = f"{recipe}/{reader}/workers={workers}"
-                    rows[key] = max(rows.get(key, 0.0), rate / workers)
+                    rows[key] = max(rows.get(key, 0.0), rate)
+                    wall[key] = max(wall.get(key, 0.0), n / (time.perf_counter() - t))
                     if reader == "array_record":
                         kids = multiprocessing.active_children()
                         if kids:
                             memory[f"workers={workers}"] = round(
                                 sum(_rss_mib(k.pid) for k in kids) / len(kids), 1)
                     it.close()
-                    print(key, round(rate / workers, 1), "img/s per core", flush=True)
+                    print(key, round(rate, 1), "img per CPU-s", flush=True)
     ratios = {}
     for recipe in ("full_recipe", "device_augment_host_part"):
         for w in worker_counts:
@@ -119,13 +145,15 @@ def main(argv=None):
                  "tensorflow": tf.__version__},
         "images": args.images, "batch": args.batch, "steps": args.steps,
         "repeats": args.repeats, "output_size": 224,
-        "img_per_s_per_core": {k: round(v, 1) for k, v in rows.items()},
+        "img_per_cpu_s": {k: round(v, 1) for k, v in rows.items()},
+        "img_per_s_wall": {k: round(v, 1) for k, v in wall.items()},
         "array_record_vs_tfrecord": ratios,
         "worker_rss_mib": memory,
-        "note": "wall-clock images/s divided by the workers (tf.data private thread pool / "
-                "grain worker processes); a shared, loaded 2-core machine: compare the ratios "
-                "of one run. Worker RSS: mean resident memory of one grain worker process "
-                "(TensorFlow + JAX imported).",
+        "note": "img_per_cpu_s: images consumed per CPU-second used meanwhile by this "
+                "process (all threads) and its grain worker processes, within one epoch after "
+                "a 2-batch warm-up; = images/s per host core when the reader's cores are "
+                "busy. img_per_s_wall depends on the machine's load. Worker RSS: mean "
+                "resident memory of one grain worker process (TensorFlow + JAX imported).",
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:

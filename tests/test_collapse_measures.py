@@ -212,7 +212,7 @@ def test_sweep_writes_its_report_and_resumes_without_redoing_finished_runs(
     assert cells[2:4] == ["0", f"{t['mean']:.1f} ({t['min']:.1f}-{t['max']:.1f})"]
     similar = [f"{d3[k]['similar_blocks']['mean']:.1f} " for k in
                ("weights/eq2", "softmax/eq2", "weights/abs", "weights/aligned", "cka")]
-    assert [c[:len(s)] for c, s in zip(cells[4:9], similar)] == similar
+    assert [c[:len(s)] for c, s in zip(cells[4:9], similar, strict=True)] == similar
     assert all(c.endswith(" of 2") for c in cells[4:9])
     assert cells[9].startswith(f"{d3['weights/eq2']['mean_adjacent']['mean']:.2f} (")
     assert "[4/4] deepvit_d3_w8_s0: top-1" in capsys.readouterr().out

@@ -166,6 +166,48 @@ def test_resume_with_another_process_count_equals_an_uninterrupted_run(data_dir)
         _stream(cfg, B=B).set_state(tf_state)
 
 
+def test_auto_reader_picks_array_record_where_its_files_are(data_dir, tmp_path, caplog):
+    from deepvit_jax.data.array_record import ArrayRecordTrainStream
+    from deepvit_jax.data.train_stream import HostTrainStream
+
+    auto = _stream(_cfg(data_dir, reader="auto"), B=32)
+    assert isinstance(auto.host, ArrayRecordTrainStream)
+    explicit = _stream(_cfg(data_dir), B=32)
+    for _ in range(2):
+        np.testing.assert_array_equal(next(auto)["image"], next(explicit)["image"])
+    # no ArrayRecord files: tf.data, and on several processes a warning with the command
+    fresh = _cfg(str(tmp_path / "fresh"), reader="auto")
+    dataset_info(fresh)
+    name = "deepvit_jax.data.train_stream"
+    with caplog.at_level("WARNING", logger=name):
+        one = _stream(fresh, B=32)
+        assert isinstance(one.host, HostTrainStream)
+        assert not [r for r in caplog.records if r.name == name]
+        two = _stream(fresh, 0, 2, B=32)
+    assert isinstance(two.host, HostTrainStream)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == name]
+    assert "each of the 2 processes reads the whole train split" in warning
+    assert f"prepare digits --array-record --data-dir {tmp_path / 'fresh'}" in warning
+    # global_order=False reads a per-process split: the tf.data reader
+    assert isinstance(_stream(_cfg(data_dir, reader="auto", global_order=False)).host,
+                      HostTrainStream)
+
+
+def test_auto_reader_resumes_with_the_reader_the_run_started_with(data_dir):
+    """A run started by tf.data (before its dataset had ArrayRecord files) resumes with
+    tf.data under data.reader='auto', exactly; and an ArrayRecord state stays ArrayRecord."""
+    for started in ("tfrecord", "array_record"):
+        first = _stream(_cfg(data_dir, reader=started), B=32)
+        next(first), next(first)
+        state = first.get_state()
+        want = [next(first)["image"] for _ in range(3)]
+        resumed = _stream(_cfg(data_dir, reader="auto"), B=32)
+        resumed.set_state(dict(state))
+        assert resumed.get_state()["reader"] == started
+        for w in want:
+            np.testing.assert_array_equal(next(resumed)["image"], w)
+
+
 def test_worker_processes_give_the_in_process_stream_and_stop(data_dir):
     import multiprocessing
 
@@ -331,3 +373,20 @@ def test_sigterm_stops_the_run_and_leaves_no_worker_process(data_dir, tmp_path):
     while any(_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert [w for w in workers if _alive(w)] == []
+
+
+def test_default_worker_count_is_capped_by_memory(monkeypatch):
+    from deepvit_jax.data import array_record
+
+    page = 4096
+    def sysconf(avail_bytes):
+        return lambda name: {"SC_AVPHYS_PAGES": avail_bytes // page, "SC_PAGE_SIZE": page}[name]
+
+    monkeypatch.setattr(array_record.os, "cpu_count", lambda: 240)
+    monkeypatch.setattr(array_record.os, "sysconf", sysconf(8 * 10**9))
+    # half of 8 GB at 1.2 GB per worker
+    assert array_record.num_workers(_cfg("", num_workers=-1)) == 3
+    assert array_record.num_workers(_cfg("", num_workers=5)) == 5   # explicit: as given
+    monkeypatch.setattr(array_record.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(array_record.os, "sysconf", sysconf(64 * 10**9))
+    assert array_record.num_workers(_cfg("", num_workers=-1)) == 2   # one per core

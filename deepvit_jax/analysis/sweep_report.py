@@ -181,7 +181,7 @@ def _signed(s: dict) -> str:
 
 def _row(cells: list[str], summ: dict, depth: int) -> str:
     counts = [summ[k]["similar_blocks"] for k, _ in MEASURES]
-    cells = cells + [",".join(map(str, summ["seeds"])), _cell(summ["top1"])]
+    cells = [*cells, ",".join(map(str, summ["seeds"])), _cell(summ["top1"])]
     cells += [f"{c['mean']:.1f} ({c['min']:g}-{c['max']:g}) of {depth - 1}" for c in counts]
     cells += [_signed(summ["weights/eq2"]["mean_adjacent"]),
               _signed(summ["weights/abs"]["mean_adjacent"])]

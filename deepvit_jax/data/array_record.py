@@ -65,6 +65,14 @@ def has_array_record(dataset_dir) -> bool:
     return FORMAT in (proto.file_format, *proto.alternative_file_formats)
 
 
+def prepare_command(data_cfg, dataset) -> str:
+    """The command that adds ArrayRecord files to the prepared dataset of ``data_cfg``."""
+    name = str(data_cfg.dataset)
+    folder = f" --folder {data_cfg.folder_path}" if name == "folder" else ""
+    return (f"python -m deepvit_jax.data prepare {name} --array-record{folder} "
+            f"--data-dir {dataset.data_dir}")
+
+
 def add_array_record(dataset_dir, *, progress: bool = True) -> dict[str, int]:
     """Write the ArrayRecord shards of every split of the prepared dataset in ``dataset_dir``
     (a TFDS dataset version folder, e.g. ``DATA_DIR/imagenet2012/5.1.0``) in place, and list
@@ -242,9 +250,26 @@ class ReadAugment:
 # ----------------------------------------------------------------------------------------
 
 
+WORKER_BYTES = 1.2e9  # resident memory of one worker (TensorFlow + JAX imported; measured
+                      # 1.1 GB, benchmarks/results/data_readers.json)
+
+
 def num_workers(data_cfg) -> int:
+    """``data.num_workers``; -1: one per core, but at most as many as half the available
+    memory holds (a 240-core host would otherwise start 240 workers of ~1.1 GB each)."""
     w = int(data_cfg.get("num_workers", -1))
-    return os.cpu_count() or 1 if w < 0 else w
+    if w >= 0:
+        return w
+    cores = os.cpu_count() or 1
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on Linux: no cap
+        return cores
+    fit = max(1, int(0.5 * available / WORKER_BYTES))
+    if fit < cores:
+        log.info("data.num_workers=-1: %d grain workers (half the available memory at "
+                 "~%.1f GB each), not one per core (%d)", fit, WORKER_BYTES / 1e9, cores)
+    return min(cores, fit)
 
 
 class ArrayRecordTrainStream:
@@ -272,13 +297,9 @@ class ArrayRecordTrainStream:
         builder = dataset.builder
         self.dataset_dir = str(builder.data_dir)
         if not has_array_record(self.dataset_dir):
-            name = {"digits": "digits", "folder": "folder"}.get(str(data_cfg.dataset),
-                                                                 str(data_cfg.dataset))
             raise InputError(
                 f"data.reader='array_record': {self.dataset_dir} has no ArrayRecord files; "
-                f"add them with `python -m deepvit_jax.data prepare {name} --array-record"
-                f"{' --folder ' + str(data_cfg.folder_path) if name == 'folder' else ''}"
-                f" --data-dir {dataset.data_dir}`")
+                f"add them with `{prepare_command(data_cfg, dataset)}`")
         self.num_records = int(builder.info.splits[self.split].num_examples)
         self.batches_per_epoch = self.num_records // self.global_batch_size
         if self.batches_per_epoch == 0:

@@ -30,9 +30,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     # the global order). 'array_record': random access to the ArrayRecord files (added by
     # `python -m deepvit_jax.data prepare NAME --array-record`; needs the `grain` extra):
     # each process reads only its B/P records per step, in the same global order rule, so
-    # the batches still do not depend on the process count (data/index.py).
-    c.reader = "tfrecord"
-    c.num_workers = -1         # reader='array_record': grain worker processes (-1 = cores)
+    # the batches still do not depend on the process count (data/index.py). 'auto':
+    # array_record where the prepared dataset has ArrayRecord files, else tfrecord (a
+    # resumed run keeps the reader it started with).
+    c.reader = "auto"
+    c.num_workers = -1         # ArrayRecord reader: grain worker processes (-1 = one per
+                               # core, at most half the available memory at ~1.2 GB each)
     c.shuffle_buffer = 16_384  # examples (encoded bytes) in the host shuffle buffer
     c.num_parallel_calls = -1  # decode/augment threads; -1 = tf.data.AUTOTUNE
     c.prefetch_batches = 2     # batches prefetched on host (tf.data) and on device

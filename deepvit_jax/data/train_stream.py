@@ -35,18 +35,22 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from deepvit_jax.data import augment as aug_lib
-from deepvit_jax.data.array_record import ArrayRecordTrainStream
+from deepvit_jax.data.array_record import (ArrayRecordTrainStream, has_array_record,
+                                           prepare_command)
 from deepvit_jax.data.dataset import (STATE_VERSION, DatasetInfo, ImageSpec, _check_image_size,
                                       _local_batch, _process, _read, _seed_words, _tf,
                                       _to_global, check_state, dataset_info, process_split)
 from deepvit_jax.errors import ConfigError, InputError
 
-READERS = ("tfrecord", "array_record")
+READERS = ("auto", "tfrecord", "array_record")
+log = logging.getLogger(__name__)
 
 
 class _Raising:
@@ -250,8 +254,12 @@ class TrainIterator:
     normalised float32 images, or uint8 crops when ``data.device_augment`` leaves RandAugment,
     normalisation and erasing to the train step."""
 
-    def __init__(self, host: HostTrainStream, sharding, prefetch: int = 2):
+    def __init__(self, host: HostTrainStream, sharding, prefetch: int = 2,
+                 make_host: Callable[[str], Any] | None = None):
         self.host = host
+        # data.reader='auto': builds the other reader's stream when a saved state was made
+        # by it (a run resumes with the stream it started with).
+        self._make_host = make_host
         self.sharding = sharding
         self.prefetch = max(1, int(prefetch))
         self._queue = collections.deque()
@@ -277,6 +285,11 @@ class TrainIterator:
         return dict(self._state)
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("reader", "tfrecord") if isinstance(state, dict) else None
+        if (self._make_host is not None and saved in READERS[1:]
+                and saved != self.host.get_state()["reader"]):
+            self.close()
+            self.host = self._make_host(saved)
         self.host.set_state(state)
         self._queue.clear()
         self._state = self.host.get_state()
@@ -304,17 +317,43 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None.
     """
     _check_image_size(spec.size)
-    reader = str(data_cfg.get("reader", "tfrecord"))
-    if reader not in READERS:
-        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    requested = str(data_cfg.get("reader", "auto"))
+    if requested not in READERS:
+        raise ConfigError(f"data.reader={requested!r} is not one of {READERS}")
     dataset = dataset or dataset_info(data_cfg)
-    if reader == "array_record":
-        pi, pc = _process(process_index, process_count)
-        host = ArrayRecordTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
-                                      spec=spec, seed=seed, process_index=pi, process_count=pc)
-    else:
-        host = HostTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
+    pi, pc = _process(process_index, process_count)
+    reader = resolve_reader(data_cfg, dataset, pc)
+
+    def make_host(reader: str):
+        if reader == "array_record":
+            return ArrayRecordTrainStream(data_cfg, dataset, spec=spec, seed=seed,
+                                          global_batch_size=global_batch_size,
+                                          process_index=pi, process_count=pc)
+        return HostTrainStream(data_cfg, dataset, global_batch_size=global_batch_size,
                                spec=spec, seed=seed, process_index=process_index,
                                process_count=process_count)
-    return TrainIterator(host, sharding, prefetch=int(data_cfg.get("prefetch_batches", 2)))
 
+    return TrainIterator(make_host(reader), sharding,
+                         prefetch=int(data_cfg.get("prefetch_batches", 2)),
+                         make_host=make_host if requested == "auto" else None)
+
+
+def resolve_reader(data_cfg, dataset: DatasetInfo, process_count: int) -> str:
+    """The reader ``data.reader`` names; for ``'auto'`` (the default) ``'array_record'``
+    where the prepared dataset has ArrayRecord files (each host reads only its B/P records
+    per step; at least as fast per core as tf.data, benchmarks/data_readers.py), else
+    ``'tfrecord'``, with a warning on several hosts, where every host then reads the whole
+    split. Either way the batches do not depend on the number of hosts."""
+    reader = str(data_cfg.get("reader", "auto"))
+    if reader not in READERS:
+        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    if reader != "auto":
+        return reader
+    if bool(data_cfg.get("global_order", True)) and has_array_record(dataset.builder.data_dir):
+        return "array_record"
+    if process_count > 1:
+        log.warning("data.reader='auto': %s has no ArrayRecord files, so each of the %d "
+                    "processes reads the whole train split (tf.data); `%s` adds them and "
+                    "each then reads only its 1/%d", dataset.builder.data_dir, process_count,
+                    prepare_command(data_cfg, dataset), process_count)
+    return "tfrecord"
