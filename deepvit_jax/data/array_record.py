@@ -61,7 +61,10 @@ def has_array_record(dataset_dir) -> bool:
     from etils import epath
 
     dataset_info, _, _ = _tfds_core()
-    proto = dataset_info.read_from_json(epath.Path(dataset_dir) / "dataset_info.json")
+    try:
+        proto = dataset_info.read_from_json(epath.Path(dataset_dir) / "dataset_info.json")
+    except Exception:  # no readable dataset_info.json (not prepared by TFDS): no files listed
+        return False
     return FORMAT in (proto.file_format, *proto.alternative_file_formats)
 
 
