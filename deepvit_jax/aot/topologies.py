@@ -84,6 +84,13 @@ def prepare_host() -> None:
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     """The compile-only devices of ``topo`` (``num_slices`` slices)."""
     libtpu_version()
+    # Without a TPU VM's metadata libtpu prints two warnings and an INVALID_ARGUMENT line on
+    # start (no accelerator type, no worker hostnames); name this compiling host instead.
+    # What is compiled for comes from the topology description, not from these.
+    user = next((k for k, v in TOPOLOGIES.items() if v == topo), topo.name)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", user.replace("v5e-", "v5litepod-"))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
     kw = {"chip_config_name": topo.chip_config, "chips_per_host_bounds": topo.chips_per_host,
           "num_slices": num_slices}
     try:
