@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deepvit_jax import analysis, predict
+from deepvit_jax.analysis import sweep, sweep_report
 from deepvit_jax.colab.runtime import say
 from deepvit_jax.utils import atomic_output
 
@@ -114,8 +115,6 @@ def run_sweep(out: str, settings: Mapping[str, Any] | None = None) -> dict:
     default study), then its tables and figures inline. Finished runs in ``out`` are read
     back, not trained again (a new runtime goes on where the last one stopped)."""
     from IPython.display import Image, Markdown, display
-
-    from deepvit_jax.analysis import sweep, sweep_report
 
     fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
               for k, v in (settings or {}).items()}
