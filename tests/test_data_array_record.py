@@ -390,3 +390,47 @@ def test_default_worker_count_is_capped_by_memory(monkeypatch):
     monkeypatch.setattr(array_record.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(array_record.os, "sysconf", sysconf(64 * 10**9))
     assert array_record.num_workers(_cfg("", num_workers=-1)) == 2   # one per core
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_resumes_with_the_reader_it_started_with(data_dir, tmp_path):
+    """A run started with data.reader='tfrecord' (the default before 'auto'), stopped after
+    its step-4 checkpoint, resumed under data.reader='auto' on a dataset that now has
+    ArrayRecord files: it goes on with tf.data and ends bit-identical to the uninterrupted
+    run. Resumed with the other reader named explicitly: one ConfigError naming the fix."""
+    from test_main import _final_state
+
+    from deepvit_jax.colab import load_config
+    from deepvit_jax.errors import ConfigError
+    from deepvit_jax.train.loop import train_and_evaluate
+
+    tiny = {"model.embed_dim": 16, "model.depth": 2, "model.num_heads": 2,
+            "model.reattn_blocks": [0, 1], "batch_size": 32, "log_every_steps": 1,
+            "eval.bn_recalibration_batches": 0, "ema_decay": 0.0, "eval.batch_size": 120,
+            "total_steps": 6, "eval.every_steps": 1000, "checkpoint.every_steps": 2,
+            "collapse_every_steps": 0, "data.data_dir": data_dir, "data.num_workers": 0}
+
+    def config(reader):
+        return load_config("default.py", {**tiny, "data.reader": reader})
+
+    def stop_at_5(step, run):
+        if step == 5:
+            raise _Stop
+
+    train_and_evaluate(config("tfrecord"), str(tmp_path / "once"))
+    _, ref = _final_state(tmp_path / "once")
+    for reader, wd in (("auto", "resumed"), ("array_record", "refused")):
+        with pytest.raises(_Stop):
+            train_and_evaluate(config("tfrecord"), str(tmp_path / wd), on_step=stop_at_5)
+        if reader == "auto":
+            train_and_evaluate(config(reader), str(tmp_path / wd))
+            step, got = _final_state(tmp_path / wd)
+            assert step == 6
+            for k in ref:
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+        else:
+            with pytest.raises(ConfigError, match=r"reader=tfrecord.*--config\.data\.reader=auto"):
+                train_and_evaluate(config(reader), str(tmp_path / wd))

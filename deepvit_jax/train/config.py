@@ -184,6 +184,9 @@ RESUMABLE_FIELDS = frozenset({
     "init_from", "overwrite", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
     "checkpoint.keep", "mesh", "model.remat", "model.attention_impl", "data.data_dir",
     "data.num_parallel_calls", "data.prefetch_batches", "data.private_threadpool_size",
+    # The saved iterator state names its reader: 'auto' resumes with it, and another
+    # reader named explicitly is refused when the state is restored.
+    "data.reader",
 })
 
 

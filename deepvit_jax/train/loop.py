@@ -150,7 +150,12 @@ def _restore_or_init(config, ckpt: Checkpointer, meta: dict, state, train_iter, 
         return (_init_from(config, state, tx, state_sh) if config.init_from else state), \
             None, False
     latest, state, data_state, saved_meta = restored
-    train_iter.set_state(data_state)
+    try:
+        train_iter.set_state(data_state)
+    except ValueError as e:  # a stream this config cannot reproduce
+        fix = (" (resume with --config.data.reader=auto: the reader the run started with)"
+               if "reader=" in str(e) else "")
+        raise ConfigError(f"{ckpt.directory}/{latest}: {one_line(e)}{fix}") from None
     log.info("resumed from %s/%d", ckpt.directory, latest)
     return state, latest, bool(saved_meta.get("eval_pending"))
 
