@@ -317,9 +317,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
     ``dataset``: the resolved dataset (``dataset_info(data_cfg)``), resolved here if None.
     """
     _check_image_size(spec.size)
-    requested = str(data_cfg.get("reader", "auto"))
-    if requested not in READERS:
-        raise ConfigError(f"data.reader={requested!r} is not one of {READERS}")
+    requested = _requested_reader(data_cfg)  # checked before the dataset is resolved
     dataset = dataset or dataset_info(data_cfg)
     pi, pc = _process(process_index, process_count)
     reader = resolve_reader(data_cfg, dataset, pc)
@@ -338,15 +336,21 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, spec: ImageSpec, sh
                          make_host=make_host if requested == "auto" else None)
 
 
+def _requested_reader(data_cfg) -> str:
+    """``data.reader``, checked: one of :data:`READERS`."""
+    reader = str(data_cfg.get("reader", "auto"))
+    if reader not in READERS:
+        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    return reader
+
+
 def resolve_reader(data_cfg, dataset: DatasetInfo, process_count: int) -> str:
     """The reader ``data.reader`` names; for ``'auto'`` (the default) ``'array_record'``
     where the prepared dataset has ArrayRecord files (each host reads only its B/P records
     per step; at least as fast per core as tf.data, benchmarks/data_readers.py), else
     ``'tfrecord'``, with a warning on several hosts, where every host then reads the whole
     split. Either way the batches do not depend on the number of hosts."""
-    reader = str(data_cfg.get("reader", "auto"))
-    if reader not in READERS:
-        raise ConfigError(f"data.reader={reader!r} is not one of {READERS}")
+    reader = _requested_reader(data_cfg)
     if reader != "auto":
         return reader
     if bool(data_cfg.get("global_order", True)) and has_array_record(dataset.builder.data_dir):
