@@ -271,6 +271,31 @@ def test_missing_files_and_missing_extra_are_one_line_errors(tmp_path, monkeypat
         _stream(cfg)
 
 
+
+def test_older_tfds_reads_tfrecord_and_names_the_floor_for_array_record(data_dir, monkeypatch):
+    """A TFDS older than 4.9.8 (a Colab runtime's; the base package supports it) has no list of
+    other file formats: 'auto' reads tf.data there, and the ArrayRecord reader names the TFDS
+    it needs, instead of an AttributeError from inside the proto."""
+    import types
+
+    from deepvit_jax.data import array_record
+    from deepvit_jax.data.train_stream import HostTrainStream
+    from deepvit_jax.errors import ConfigError
+
+    assert array_record._tfds_lists_formats()        # the installed TFDS (the dev extra's)
+    tfds_info, *rest = array_record._tfds_core()
+
+    def old_proto(path):       # what TFDS 4.9.4-4.9.6 reads: no alternative_file_formats
+        return types.SimpleNamespace(file_format=tfds_info.read_from_json(path).file_format)
+
+    old = types.SimpleNamespace(read_from_json=old_proto)
+    monkeypatch.setattr(array_record, "_tfds_core", lambda: (old, *rest))
+    monkeypatch.setattr(array_record, "_tfds_lists_formats", lambda: False)
+    assert isinstance(_stream(_cfg(data_dir, reader="auto"), B=32).host, HostTrainStream)
+    with pytest.raises(ConfigError, match=r"needs tensorflow-datasets>=4\.9\.8 \(installed: "
+                                          r"[0-9.]+\): pip install \"deepvit-jax\[grain\]\""):
+        _stream(_cfg(data_dir), B=32)
+
 _CHILD = r"""
 import sys, numpy as np
 sys.path.insert(0, {tests!r})

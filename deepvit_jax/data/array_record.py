@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 
 FORMAT = "array_record"
 INSTALL = 'pip install "deepvit-jax[grain]"'
+# The oldest TFDS that lists extra file formats of a prepared dataset
+# (DatasetInfo.alternative_file_formats, 4.9.7) and reads one of them at random
+# (as_data_source(file_format=...), 4.9.8). The grain extra asks for it; the base package
+# supports older TFDS (a Colab runtime's), which read TFRecord only.
+TFDS_FLOOR = "4.9.8"
+
+
+def _tfds_lists_formats() -> bool:
+    from tensorflow_datasets.core.proto import dataset_info_pb2
+
+    return "alternative_file_formats" in dataset_info_pb2.DatasetInfo.DESCRIPTOR.fields_by_name
 
 
 def require_grain():
@@ -42,6 +53,11 @@ def require_grain():
     except ImportError as e:
         raise ConfigError(f"data.reader='array_record' needs grain and array-record "
                           f"(missing: {e.name}): {INSTALL}") from None
+    if not _tfds_lists_formats():
+        import tensorflow_datasets as tfds
+
+        raise ConfigError(f"data.reader='array_record' needs tensorflow-datasets>="
+                          f"{TFDS_FLOOR} (installed: {tfds.__version__}): {INSTALL}")
     return grain
 
 
@@ -65,7 +81,8 @@ def has_array_record(dataset_dir) -> bool:
         proto = dataset_info.read_from_json(epath.Path(dataset_dir) / "dataset_info.json")
     except Exception:  # no readable dataset_info.json (not prepared by TFDS): no files listed
         return False
-    return FORMAT in (proto.file_format, *proto.alternative_file_formats)
+    # A TFDS older than TFDS_FLOOR has no list of other formats: it reads TFRecord only.
+    return FORMAT in (proto.file_format, *getattr(proto, "alternative_file_formats", ()))
 
 
 def prepare_command(data_cfg, dataset) -> str:
