@@ -297,6 +297,56 @@ def test_remat_gives_the_same_logits_and_gradients():
     # (test_train.py::test_remat_step_recomputes_the_forward_pass: the compiled step.)
 
 
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_blocks_is_the_same_model(remat):
+    """model.scan_blocks: the runs of alike blocks (here plain 0-1, Re-attention 2-3) as
+    scans give, over two train steps with drop path and Re-attention's BatchNorm, the same
+    loss, gradients and state (parameters, BatchNorm statistics, every rng count) as the
+    unrolled blocks, and the same eval logits and attention maps; the parameter layout is
+    the unrolled one (same checkpoints)."""
+    x, y = images(4, 32, seed=1), jnp.arange(4) % 10
+
+    @nnx.jit
+    def step(model):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        return nnx.value_and_grad(loss_fn)(model)
+
+    runs = {}
+    for scan in (False, True):
+        model = tiny(drop_path_rate=0.3, remat=remat, scan_blocks=scan)
+        steps = [step(model) for _ in range(2)]
+        train_state = nnx.state(model)
+        model.eval()
+        runs[scan] = steps, train_state, model(x, return_attention=True)
+    (steps0, st0, (lo0, maps0)), (steps1, st1, (lo1, maps1)) = runs[False], runs[True]
+    for (l0, g0), (l1, g1) in zip(steps0, steps1, strict=True):
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        # another compiled program: float32 rounding (measured up to 4e-6)
+        scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g0))
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4,
+                                       atol=2e-5 * scale)
+    flat0, flat1 = nnx.to_flat_state(st0), nnx.to_flat_state(st1)
+    assert [k for k, _ in flat0] == [k for k, _ in flat1]
+    counts = 0
+    for (path, v0), (_, v1) in zip(flat0, flat1, strict=True):
+        a, b = v0[...], v1[...]
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        if path[-1] == "count":
+            counts += int(a) > 0
+            assert int(a) == int(b), path     # each block's dropout stream, used alike
+        else:
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                       err_msg=str(path))
+    assert counts == 3          # blocks 1-3 drew drop-path masks; block 0 (rate 0) did not
+    np.testing.assert_allclose(np.asarray(lo1), np.asarray(lo0), rtol=0, atol=1e-5)
+    assert len(maps1) == len(maps0) == 4
+    for a, b in zip(maps0, maps1):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
+
 def test_dropout_and_drop_path_only_in_train_mode():
     model = tiny(drop_path_rate=0.5, drop_rate=0.2, attn_drop_rate=0.2)
     x = images(4, 32)

@@ -252,6 +252,29 @@ def test_remat_step_recomputes_the_forward_pass():
     np.testing.assert_allclose(g1, g0, rtol=2e-5, atol=1e-5 * np.abs(g0).max())
 
 
+
+def test_scan_blocks_step_compiles_one_block_body():
+    """config.model.scan_blocks: the compiled train step holds one block body in a loop
+    (its dot count does not grow with the depth, unlike the unrolled blocks'), and the
+    step's result is the unrolled one."""
+    import re
+
+    b = _batch()
+    dots, out = {}, {}
+    for scan in (False, True):
+        for depth in (3, 6):
+            _, st, rest, step = _setup(scan_blocks=scan, depth=depth,
+                                       tx_wrap=lambda _: optax.sgd(1.0))
+            compiled = step.lower(st, rest, b).compile()
+            dots[scan, depth] = len(re.findall(r"= \S+ dot\(", compiled.as_text()))
+            if depth == 3:
+                new, m = compiled(st, rest, b)
+                out[scan] = m, _param_vector(st) - _param_vector(new)
+    assert dots[True, 6] == dots[True, 3] < dots[False, 3] < dots[False, 6], dots
+    (m1, g1), (m0, g0) = out[True], out[False]
+    np.testing.assert_allclose(float(m1["train/loss"]), float(m0["train/loss"]), rtol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=2e-5, atol=1e-5 * np.abs(g0).max())
+
 def test_bfloat16_training_stays_in_a_band_of_float32():
     """config.model.dtype='bfloat16': 8 steps of the train step track the float32 loss
     curve within 2% (and are not the float32 numbers: bf16 is really used)."""

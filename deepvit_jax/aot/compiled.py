@@ -27,25 +27,86 @@ _COMMENT = re.compile(r"/\*.*?\*/")
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {'count', 'bytes'}} of the collectives in a compiled HLO module: bytes are the
-    per-device sizes of each op's result shapes (an async ``-start`` op counted once; its
-    result tuple holds the operand as well, so all-gather / reduce-scatter bytes of async ops
-    include the operand)."""
-    out: dict[str, dict[str, int]] = {}
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r"compare\(.*?\),\s*direction=LT")
+_CONST = re.compile(r"constant\((\d+)\)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{name: instruction lines} of an HLO module's text, and the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
     for line in hlo_text.splitlines():
-        m = _OP.match(_COMMENT.sub("", line))
-        if m is None:
-            continue
-        shapes, kind = m.group(1), m.group(2)
-        nbytes = 0
-        for dtype, dims in _SHAPE.findall(shapes):
-            if dtype in _DTYPE_BYTES:
-                nbytes += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-        row = out.setdefault(kind, {"count": 0, "bytes": 0})
-        row["count"] += 1
-        row["bytes"] += nbytes
-    return out
+        if current is None:
+            m = _HEADER.match(line)
+            if m and not line.startswith((" ", "HloModule")):
+                current = m.group(1)
+                comps[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+        elif line.startswith("}"):
+            current = None
+        else:
+            comps[current].append(_COMMENT.sub("", line))
+    return comps, entry
+
+
+def _trip_count(condition: list[str]) -> int:
+    """The iterations of a while loop that jax.lax.scan emits: its condition is
+    ``counter < N`` with the counter from 0 and N a constant. 1 for another form."""
+    consts = [int(c) for line in condition for c in _CONST.findall(line)]
+    if len(consts) == 1 and any(_TRIP.search(line) for line in condition):
+        return consts[0]
+    return 1
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {'count', 'bytes'}} of the collectives one execution of a compiled HLO module
+    runs: bytes are the per-device sizes of each op's result shapes (an async ``-start`` op
+    counted once; its result tuple holds the operand as well, so all-gather / reduce-scatter
+    bytes of async ops include the operand). An op inside a loop body counts once per
+    iteration (``model.scan_blocks``: the blocks' gradient all-reduce sits in the scanned
+    backward pass), as XLA's own cost analysis does not."""
+    comps, entry = _computations(hlo_text)
+    if entry is None:  # a fragment without computations: count its lines once
+        comps, entry = {"": hlo_text.splitlines()}, ""
+    memo: dict[str, dict[str, dict[str, int]]] = {}
+
+    def total(name: str) -> dict[str, dict[str, int]]:
+        if name in memo:
+            return memo[name]
+        memo[name] = out = {}   # a recursive reference (none in HLO) would count nothing
+
+        def add(kind, count, nbytes):
+            row = out.setdefault(kind, {"count": 0, "bytes": 0})
+            row["count"] += count
+            row["bytes"] += nbytes
+
+        for line in comps.get(name, []):
+            w = _WHILE.search(line)
+            if w is not None:
+                trips = _trip_count(comps.get(w.group(1), []))
+                for kind, row in total(w.group(2)).items():
+                    add(kind, trips * row["count"], trips * row["bytes"])
+                continue
+            for called, branches in _CALLS.findall(line):
+                for callee in [called] if called else re.findall(r"%?([\w.\-]+)", branches):
+                    for kind, row in total(callee).items():
+                        add(kind, row["count"], row["bytes"])
+            m = _OP.match(line)
+            if m is None:
+                continue
+            nbytes = 0
+            for dtype, dims in _SHAPE.findall(m.group(1)):
+                if dtype in _DTYPE_BYTES:
+                    nbytes += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",")
+                                                              if d)
+            add(m.group(2), 1, nbytes)
+        return out
+
+    return {k: dict(v) for k, v in sorted(total(entry).items())}
 
 
 # libtpu's refusal: "... the total memory required for HLO temporaries (158.20G) exceeds

@@ -107,3 +107,21 @@ def lower_eval(s: Setup, global_batch: int):
         return step.trace(_abstract(st.params, p.state_sh.params),
                           _abstract(st.batch_stats, p.state_sh.batch_stats),
                           _abstract(p.abstract_rest, p.rest_sh), batch).lower()
+
+
+def unrolled_flops(s: Setup, train_batch: int, eval_batch: int,
+                   *, num_classes=None, num_train=None) -> tuple[float, float]:
+    """Global FLOPs of one train and one eval step of ``s.config`` with its blocks unrolled,
+    by XLA's cost analysis of the programs lowered (not compiled) for one CPU device.
+
+    For ``model.scan_blocks``: the analysis of a compiled program counts a loop body once,
+    so a scanned program's own count misses (depth - 1) blocks. The arithmetic does not
+    depend on the device or the mesh: the one-device program of the same step counts it."""
+    config = s.config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.scan_blocks = False
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    one = build(config, jax.devices("cpu")[:1], num_classes=num_classes or s.mcfg.num_classes,
+                num_train=num_train or s.num_train)
+    return (float(lower_train(one, train_batch).cost_analysis()["flops"]),
+            float(lower_eval(one, eval_batch).cost_analysis()["flops"]))

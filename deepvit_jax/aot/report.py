@@ -10,7 +10,7 @@ import jax
 
 from deepvit_jax import parallel
 from deepvit_jax.aot.compiled import SEARCH_LIMIT, analyse, search_batch
-from deepvit_jax.aot.programs import build, lower_eval, lower_train
+from deepvit_jax.aot.programs import build, lower_eval, lower_train, unrolled_flops
 from deepvit_jax.aot.topologies import (ALIASES, GIB, libtpu_version, topology,
                                         topology_devices)
 from deepvit_jax.models import attention
@@ -48,6 +48,14 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
     log.info("compiling the eval step")
     report["eval"] = analyse(lower_eval(s, eval_gb), capacity, n, eval_gb)
     report["fits"] = bool(report["train"]["fits"] and report["eval"]["fits"])
+    if s.mcfg.scan_blocks:  # XLA's count of the compiled program sees one block per scan
+        log.info("counting the FLOPs of the unrolled steps")
+        flops = unrolled_flops(s, gb, eval_gb, num_classes=num_classes, num_train=num_train)
+        for step, total, images in (("train", flops[0], gb), ("eval", flops[1], eval_gb)):
+            if "flops_per_step" in report[step]:
+                report[step].update(flops_per_step=total, flops_per_chip=total / n,
+                                    flops_per_image=total / images,
+                                    flops_counted="unrolled program, lowered for the CPU")
     if search:
         found = search_batch(s, capacity, max(1, gb // shards))
         report["max_per_chip_batch"] = found["per_chip"]

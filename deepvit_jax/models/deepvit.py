@@ -78,6 +78,10 @@ class ModelConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the blocks
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False  # rematerialise each block in the backward pass
+    # Run each run of alike blocks (plain or Re-attention) as one jax.lax.scan: XLA compiles
+    # one block body instead of `depth`, for the same numbers and the same parameter layout
+    # (per-block; stacked at call time). A computation choice, like remat.
+    scan_blocks: bool = False
     # Attention implementation (models/attention/): 'reference' (the paper's einsums, the
     # parity oracle), 'xla' (heads-major, folded train-mode Re-attention with a custom VJP),
     # 'pallas' (fused kernels) or 'auto' (the fastest correct one for the backend). A
@@ -450,12 +454,27 @@ class Block(nnx.Module):
         # Drop path = dropout of whole samples: broadcast the mask over tokens and channels.
         self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
 
-    def __call__(self, x, *, return_attention: bool = False):
+    def __call__(self, x, *, return_attention: bool = False, keep_prob=None):
+        """``keep_prob``: the drop-path keep probability as an array, in place of the
+        module's own (static) rate: a scan over blocks (DeepViT._scanned) runs one block
+        body for blocks whose rates differ."""
         r = self.adjust_ratio
         y, attn = self.attn(self.norm1(x * r), return_attention=return_attention)
-        x = x + self.drop_path(y / r)
-        x = x + self.drop_path(self.mlp(self.norm2(x * r))) / r
+        x = x + self._drop_path(y / r, keep_prob)
+        x = x + self._drop_path(self.mlp(self.norm2(x * r)), keep_prob) / r
         return x, attn
+
+    def _drop_path(self, x, keep_prob):
+        if keep_prob is None:
+            return self.drop_path(x)
+        if self.drop_path.deterministic:
+            return x
+        # nnx.Dropout's own steps (its rng stream, the mask shape, select) with the keep
+        # probability as data; a block of rate 0 draws a mask of ones.
+        mask = jax.random.bernoulli(self.drop_path.rngs(), p=keep_prob,
+                                    shape=(x.shape[0],) + (1,) * (x.ndim - 1))
+        return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / keep_prob.astype(x.dtype),
+                              jnp.zeros_like(x))
 
 
 # --------------------------------------------------------------------------------------
@@ -520,6 +539,10 @@ class DeepViT(nnx.Module):
     def __call__(self, images, *, return_attention: bool = False):
         cfg = self.config
         x = self.embed(images)
+        if cfg.scan_blocks:
+            x, maps = self._scanned(x, return_attention)
+            logits = self.classify(x)
+            return (logits, maps) if return_attention else logits
         maps = []
         for blk in self.blocks:
             if cfg.remat:
@@ -531,6 +554,57 @@ class DeepViT(nnx.Module):
                 maps.append(attn)
         logits = self.classify(x)
         return (logits, maps) if return_attention else logits
+
+    def _scanned(self, x, return_attention: bool):
+        """The blocks as one ``jax.lax.scan`` per run of alike blocks (same kind: plain or
+        Re-attention). The blocks keep their own parameters (checkpoints, the converter and
+        the analysis see one module per block); each run's states are stacked here, the body
+        is one block merged from its slice, and the updated states (BatchNorm statistics,
+        dropout rng counts) are written back. Hand-written over ``nnx.scan`` because that
+        scans modules whose state is stacked where they are built, which would change the
+        parameter layout of every checkpoint. The drop-path rates, static per block, enter
+        as data (Block.keep_prob)."""
+        cfg = self.config
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        maps = []
+        for run in _alike_runs(self.blocks):
+            graphdef, _ = nnx.split(self.blocks[run[0]])
+            states = [nnx.state(self.blocks[i]) for i in run]
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+            # 1 - rate in float64 then float32, as nnx.Dropout's Python keep probability;
+            # None (no drop path at all): each block's own Dropout, which then does nothing
+            keep = (jnp.asarray(np.float32([1.0 - rates[i] for i in run]))
+                    if cfg.drop_path_rate else None)
+
+            def body(y, xs, graphdef=graphdef):
+                state, k = xs
+                blk = nnx.merge(graphdef, state)
+                y, attn = blk(y, return_attention=return_attention, keep_prob=k)
+                return y, (nnx.state(blk), attn)
+
+            if cfg.remat:
+                body = jax.checkpoint(body)
+            x, (new, attn) = jax.lax.scan(body, x, (stacked, keep))
+            for j, i in enumerate(run):
+                blk = self.blocks[i]
+                count = blk.drop_path.rngs.count[...]
+                nnx.update(blk, jax.tree.map(lambda a, j=j: a[j], new))
+                if rates[i] == 0.0:  # its mask of ones used no randomness: as unrolled
+                    blk.drop_path.rngs.count[...] = count
+                if return_attention:
+                    maps.append(attn[j])
+        return x, maps
+
+
+def _alike_runs(blocks) -> list[list[int]]:
+    """Consecutive block indices grouped by kind (plain / Re-attention)."""
+    runs: list[list[int]] = []
+    for i, blk in enumerate(blocks):
+        if runs and blocks[runs[-1][0]].attn.reattention == blk.attn.reattention:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def count_params(model: nnx.Module) -> int:

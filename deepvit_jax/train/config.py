@@ -182,7 +182,8 @@ RESUMABLE_FIELDS = frozenset({
     "total_steps", "num_epochs", "cooldown_epochs", "log_every_steps", "expected_top1",
     "collapse_every_steps",
     "init_from", "overwrite", "eval.every_steps", "eval.batch_size", "checkpoint.every_steps",
-    "checkpoint.keep", "mesh", "model.remat", "model.attention_impl", "data.data_dir",
+    "checkpoint.keep", "mesh", "model.remat", "model.scan_blocks", "model.attention_impl",
+    "data.data_dir",
     "data.num_parallel_calls", "data.prefetch_batches", "data.private_threadpool_size",
     # The saved iterator state names its reader: 'auto' resumes with it, and another
     # reader named explicitly is refused when the state is restored.
