@@ -54,13 +54,15 @@ def key(name, topo, impl) -> str:
     return f"{name}@{topo}" + (f"/{impl}" if impl else "")
 
 
-def compile_row(name: str, topo: str, impl: str) -> dict:
+def compile_row(name: str, topo: str, impl: str, search: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "r.json")
         cmd = [sys.executable, "-m", "deepvit_jax.aot", "--config", recipe(name),
                "--topology", topo, "--json", path]
         if impl:
             cmd.append(f"--config.model.attention_impl={impl}")
+        if search:
+            cmd.append("--search-batch")
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -96,11 +98,12 @@ def _gib(x) -> str:
 
 def markdown(doc: dict) -> str:
     lines = ["| recipe | topology | attention | global batch (per chip) | fits | train HBM/chip "
-             "GiB (args / temp) | eval HBM/chip GiB | GFLOP/image (train) | compile s | "
-             "collectives (train) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "GiB (args / temp) | eval HBM/chip GiB | largest per-chip batch | GFLOP/image "
+             "(train) | compile s (train / eval) | collectives (train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in doc["rows"].items():
         if "train" not in r:
-            lines.append(f"| {k} | | | | error: {r.get('error', '?')} | | | | | |")
+            lines.append(f"| {k} | | | | error: {r.get('error', '?')} | | | | | | |")
             continue
         t, e = r["train"], r["eval"]
         tm = t["memory"]
@@ -109,11 +112,13 @@ def markdown(doc: dict) -> str:
         coll = ", ".join(f"{c} x{v['count']}" for c, v in sorted(t.get("collectives",
                                                                        {}).items()))
         flops = f"{t['flops_per_image'] / 1e9:.1f}" if "flops_per_image" in t else "?"
+        most = ("not searched" if "max_per_chip_batch" not in r else
+                f"{'>= ' if r.get('max_batch_limit_reached') else ''}{r['max_per_chip_batch']}")
         lines.append(
             f"| {r['config']} | {r['topology']} ({r['hosts']} host{'s' if r['hosts'] > 1 else ''})"
             f" | {r['attention_impl']} | {r['global_batch']} ({r['per_chip_batch']:g}) | "
             f"{'yes' if r['fits'] else '**no**'} | {mem} | {_gib(e['memory']['total'])} | "
-            f"{flops} | {t['compile_s']:.0f} | {coll} |")
+            f"{most} | {flops} | {t['compile_s']:.0f} / {e['compile_s']:.0f} | {coll} |")
     return "\n".join(lines)
 
 
@@ -121,6 +126,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=0, help="compile at most this many rows")
     ap.add_argument("--markdown", action="store_true", help="print the README table")
+    ap.add_argument("--search", nargs="+", default=[], metavar="ROW",
+                    help="(re)compile these rows (e.g. deepvit_16b@v5e-8) with --search-batch "
+                         "(the largest per-chip batch that fits; several compiles each)")
     args = ap.parse_args()
     doc = load()
     if args.markdown:
@@ -133,12 +141,19 @@ def main() -> None:
     doc.update(libtpu=metadata.version("libtpu"), jax=jax.__version__,
                machine=f"{platform.machine()} {platform.processor() or ''} "
                        f"({os.cpu_count()} CPUs), compiling only: no TPU")
-    todo = [r for r in rows() if key(*r) not in doc["rows"]]
+    searched = {k for k, r in doc["rows"].items() if "max_per_chip_batch" in r}
+    todo = [(*r, False) for r in rows() if key(*r) not in doc["rows"]]
+    known = {key(*r): r for r in rows()}
+    for k in args.search:
+        if k not in known:
+            raise SystemExit(f"--search {k}: not a row; rows: {', '.join(known)}")
+        if k not in searched:
+            todo = [t for t in todo if key(*t[:3]) != k] + [(*known[k], True)]
     if args.rows:
         todo = todo[:args.rows]
-    for name, topo, impl in todo:
+    for name, topo, impl, search in todo:
         print(f"{key(name, topo, impl)} ...", flush=True)
-        doc["rows"][key(name, topo, impl)] = rep = compile_row(name, topo, impl)
+        doc["rows"][key(name, topo, impl)] = rep = compile_row(name, topo, impl, search)
         print(f"  exit {rep['exit_status']}, {rep['wall_s']} s, fits {rep.get('fits')}",
               flush=True)
         save(doc)

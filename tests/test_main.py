@@ -166,8 +166,9 @@ def test_one_vs_eight_devices_same_loss_curve(tmp_path, data_dir):
     steps = ["--config.total_steps=12"]
     r1 = _run(tmp_path / "d1", data_dir, *steps, devices=1)
     assert r1.returncode == 0, r1.stderr[-3000:]
+    # ... with the blocks scanned on the 8 (data 4 x fsdp 2, the stacked parameters sharded)
     r8 = _run(tmp_path / "d8", data_dir, *steps, "--config.mesh.data=4",
-              "--config.mesh.fsdp=2", devices=8)
+              "--config.mesh.fsdp=2", "--config.model.scan_blocks=True", devices=8)
     assert r8.returncode == 0, r8.stderr[-3000:]
     l1 = [r["train/loss"] for r in _metrics(tmp_path / "d1") if "train/loss" in r]
     l8 = [r["train/loss"] for r in _metrics(tmp_path / "d8") if "train/loss" in r]
