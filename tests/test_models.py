@@ -344,7 +344,7 @@ def test_scan_blocks_is_the_same_model(remat):
     assert counts == 3          # blocks 1-3 drew drop-path masks; block 0 (rate 0) did not
     np.testing.assert_allclose(np.asarray(lo1), np.asarray(lo0), rtol=0, atol=1e-5)
     assert len(maps1) == len(maps0) == 4
-    for a, b in zip(maps0, maps1):
+    for a, b in zip(maps0, maps1, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
 
 def test_dropout_and_drop_path_only_in_train_mode():
