@@ -83,13 +83,27 @@ def load() -> dict:
     return {"rows": {}}
 
 
-def save(doc: dict) -> None:
+def save(doc: dict, row_key: str | None = None, row: dict | None = None) -> dict:
+    """Write ``doc`` with ``row`` added, merged with the rows another instance of this script
+    wrote meanwhile (``--reverse``: two compiles at once on two cores); the merged doc."""
+    import fcntl
+
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    tmp = OUT + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, OUT)
+    with open(OUT + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**doc, "rows": {**load()["rows"], **doc["rows"]}}
+        if row_key is not None:
+            merged["rows"][row_key] = row
+        # the table's order, whoever compiled a row first
+        order = {key(*r): i for i, r in enumerate(rows())}
+        merged["rows"] = dict(sorted(merged["rows"].items(),
+                                     key=lambda kv: order.get(kv[0], len(order))))
+        tmp = OUT + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, OUT)
+    return merged
 
 
 def _gib(x) -> str:
@@ -126,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=0, help="compile at most this many rows")
     ap.add_argument("--markdown", action="store_true", help="print the README table")
+    ap.add_argument("--reverse", action="store_true",
+                    help="missing rows from the last (a second instance beside a first)")
     ap.add_argument("--search", nargs="+", default=[], metavar="ROW",
                     help="(re)compile these rows (e.g. deepvit_16b@v5e-8) with --search-batch "
                          "(the largest per-chip batch that fits; several compiles each)")
@@ -149,14 +165,19 @@ def main() -> None:
             raise SystemExit(f"--search {k}: not a row; rows: {', '.join(known)}")
         if k not in searched:
             todo = [t for t in todo if key(*t[:3]) != k] + [(*known[k], True)]
+    if args.reverse:
+        todo = todo[::-1]
     if args.rows:
         todo = todo[:args.rows]
     for name, topo, impl, search in todo:
-        print(f"{key(name, topo, impl)} ...", flush=True)
-        doc["rows"][key(name, topo, impl)] = rep = compile_row(name, topo, impl, search)
+        k = key(name, topo, impl)
+        if not search and k in load()["rows"]:  # the other instance has compiled it
+            continue
+        print(f"{k} ...", flush=True)
+        rep = compile_row(name, topo, impl, search)
         print(f"  exit {rep['exit_status']}, {rep['wall_s']} s, fits {rep.get('fits')}",
               flush=True)
-        save(doc)
+        doc = save(doc, k, rep)
 
 
 if __name__ == "__main__":

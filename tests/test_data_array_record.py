@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("grain")
 
 from deepvit_jax.data import index as index_lib
-from deepvit_jax.data.array_record import add_array_record, data_source
+from deepvit_jax.data.array_record_files import add_array_record, data_source
 from deepvit_jax.data.config import digits_data_config
 from deepvit_jax.data.dataset import ImageSpec, dataset_info
 from deepvit_jax.data.train_stream import make_train_iterator
@@ -278,7 +278,7 @@ def test_older_tfds_reads_tfrecord_and_names_the_floor_for_array_record(data_dir
     it needs, instead of an AttributeError from inside the proto."""
     import types
 
-    from deepvit_jax.data import array_record
+    from deepvit_jax.data import array_record_files as array_record
     from deepvit_jax.data.train_stream import HostTrainStream
     from deepvit_jax.errors import ConfigError
 

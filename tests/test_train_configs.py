@@ -66,6 +66,26 @@ def test_recipe_table_in_readme_matches_the_configs():
             family, arg, top1)
 
 
+
+def test_readme_tpu_table_is_the_committed_json():
+    """The README's TPU table is ``benchmarks/aot_table.py --markdown`` of the committed
+    ``benchmarks/results/aot_tpu.json``, and every row of it was compiled with the recipe's
+    own settings (no override but the attention implementation)."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("aot_table", ROOT / "benchmarks/aot_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    doc = json.loads((ROOT / "benchmarks/results/aot_tpu.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- aot-table -->")[1].split("<!-- /aot-table -->")[0]
+    rows = [line for line in block.splitlines() if line.startswith("|")]
+    assert rows == table.markdown(doc).splitlines()
+    assert doc["libtpu"] and len(doc["rows"]) >= 10
+    for key, row in doc["rows"].items():
+        flags = [a for a in row["command"].split() if a.startswith("--config.")]
+        assert all(f.startswith("--config.model.attention_impl=") for f in flags), key
+
 def test_unknown_recipe_is_named():
     with pytest.raises(ValueError, match=r"configs/i1k\.py:deepvit_99b"):
         _load("i1k").get_config("deepvit_99b")

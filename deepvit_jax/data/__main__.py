@@ -23,7 +23,7 @@ import tarfile
 
 from deepvit_jax import cli
 from deepvit_jax.cli import run_cli
-from deepvit_jax.data.array_record import add_array_record, require_grain
+from deepvit_jax.data.array_record_files import add_array_record, require_grain
 from deepvit_jax.data.config import default_data_config
 from deepvit_jax.data.dataset import _tf, dataset_info, default_data_dir
 from deepvit_jax.errors import PrepareError

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from deepvit_jax.data import augment as aug_lib
-from deepvit_jax.data.array_record import (ArrayRecordTrainStream, has_array_record,
-                                           prepare_command)
+from deepvit_jax.data.array_record import ArrayRecordTrainStream
+from deepvit_jax.data.array_record_files import has_array_record, prepare_command
 from deepvit_jax.data.dataset import (STATE_VERSION, DatasetInfo, ImageSpec, _check_image_size,
                                       _local_batch, _process, _read, _seed_words, _tf,
                                       _to_global, check_state, dataset_info, process_split)
