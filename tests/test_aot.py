@@ -251,33 +251,44 @@ def test_no_libtpu_names_the_install_command(monkeypatch):
 
 
 def test_batch_search_brackets_the_largest_batch_that_fits():
-    """``search_batch`` against a capacity set to what 64 images need on a v5e chip: it
-    doubles past 64, then bisects to within 1/16 - the batch it returns fits, and it is at
-    least 64 (memory grows with the batch)."""
+    """``search_batch`` against a capacity set to what 64 images need on a v5e chip, starting
+    at 64: it doubles to 128, which does not fit (memory grows with the batch), then bisects
+    to within 1/16 - every batch it tries is logged, and the one it returns is the largest
+    that fitted, from 64 to 64 + 64/16."""
+    import logging
+
     devices = aot.topology_devices(aot.topology("v5e-1"))
     s = aot.build(_config(8), devices)
-    big = 16 * 2**30
-
-    def total(batch):
-        return aot.analyse(aot.lower_train(s, batch), big, 1, batch)["memory"]["total"]
-
-    capacity = total(64)
-    assert total(128) > capacity  # the bracket the search must find
-    found = aot.search_batch(s, capacity, 16)
+    capacity = aot.analyse(aot.lower_train(s, 64), 16 * 2**30, 1, 64)["memory"]["total"]
+    tried = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: tried.append(rec.getMessage())
+    logger = logging.getLogger("deepvit_jax.aot.compiled")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        found = aot.search_batch(s, capacity, 64)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert "per-shard batch 128: does not fit" in tried, tried
     assert 64 <= found["global"] <= 64 + 64 // 16 and found["per_chip"] == found["global"]
-    assert total(found["global"]) <= capacity and not found["limit_reached"]
+    assert f"per-shard batch {found['global']}: fits" in tried
+    assert not found["limit_reached"]
 
 
 def test_command_search_batch_says_when_it_stopped_at_the_limit(tmp_path):
-    """``--search-batch`` on the tiny model, which fits at the search's limit on a v5e chip:
-    the report says 'at least' that batch, and the JSON records that the limit was reached."""
+    """``--search-batch`` on the tiny model, which fits at the search's limit on a v5e chip
+    (``--search-limit 64``; 4096 by default): the report says 'at least' that batch, and the
+    JSON records that the limit was reached."""
     out = tmp_path / "report.json"
     r = _run_aot("--config", "default", "--topology", "v5e-1", "--json", str(out),
-                 f"--config.batch_size={aot.SEARCH_LIMIT // 2}", "--config.eval.batch_size=8",
-                 f"--num-train={aot.SEARCH_LIMIT}", "--search-batch", *_flags())
+                 "--config.batch_size=32", "--config.eval.batch_size=8", "--search-limit=64",
+                 "--search-batch", *_flags())
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
-    assert rep["max_per_chip_batch"] == rep["max_global_batch"] == aot.SEARCH_LIMIT
-    assert rep["max_batch_limit_reached"] is True
-    assert (f"largest per-chip train batch that fits: at least {aot.SEARCH_LIMIT} (the search "
-            f"stops at {aot.SEARCH_LIMIT} images per batch shard)") in r.stdout
+    assert rep["max_per_chip_batch"] == rep["max_global_batch"] == 64
+    assert rep["max_batch_limit_reached"] is True and rep["max_batch_search_limit"] == 64
+    assert ("largest per-chip train batch that fits: at least 64 (the search "
+            "stops at 64 images per batch shard)") in r.stdout

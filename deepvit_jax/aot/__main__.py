@@ -37,6 +37,7 @@ import jax
 from absl import flags
 
 from deepvit_jax import cli, configs
+from deepvit_jax.aot.compiled import SEARCH_LIMIT
 from deepvit_jax.aot.report import compile_report, format_report, not_fitting
 from deepvit_jax.aot.topologies import TOPOLOGIES, libtpu_version, prepare_host, topology
 from deepvit_jax.errors import ConfigError, DoesNotFitError
@@ -55,6 +56,8 @@ def _define_flags() -> None:
         json=flags.DEFINE_string("json", None, "Write the report to this JSON file."),
         search=flags.DEFINE_bool("search-batch", False, "Also find the largest per-chip "
                                  "batch that fits (more compiles)."),
+        search_limit=flags.DEFINE_integer("search-limit", SEARCH_LIMIT,
+                                          "Images per batch shard where the search stops."),
         num_classes=flags.DEFINE_integer("num-classes", None,
                                          "Classes, where the dataset is not here."),
         num_train=flags.DEFINE_integer("num-train", None,
@@ -78,12 +81,15 @@ def _run() -> None:
         cli.check_output(f["json"], [], flag="--json", suffix=".json")
     if f["num_slices"] < 1:
         raise ConfigError(f"--num-slices={f['num_slices']}: must be at least 1")
+    if f["search_limit"] < 1:
+        raise ConfigError(f"--search-limit={f['search_limit']}: must be at least 1")
     prepare_host()
     # A compile-only TPU executable cannot be read back from JAX's persistent cache (no
     # client to load it into): compile afresh, and time the compile itself.
     jax.config.update("jax_enable_compilation_cache", False)
     r = compile_report(f["config"], f["topology"], num_slices=f["num_slices"],
-                       search=f["search"], num_classes=f["num_classes"],
+                       search=f["search"], search_limit=f["search_limit"],
+                       num_classes=f["num_classes"],
                        num_train=f["num_train"], config_name=_config_arg())
     print(format_report(r), flush=True)
     if f["json"]:

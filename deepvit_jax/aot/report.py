@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def compile_report(config, topology_name: str, *, num_slices: int = 1,
-                   search: bool = False, num_classes=None, num_train=None,
+                   search: bool = False, search_limit: int = SEARCH_LIMIT,
+                   num_classes=None, num_train=None,
                    config_name: str = "") -> dict:
     """Compile ``config``'s train and eval steps for ``topology_name``; the report."""
     topo = topology(topology_name)
@@ -57,10 +58,11 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
                                     flops_per_image=total / images,
                                     flops_counted="unrolled program, lowered for the CPU")
     if search:
-        found = search_batch(s, capacity, max(1, gb // shards))
+        found = search_batch(s, capacity, max(1, gb // shards), limit=search_limit)
         report["max_per_chip_batch"] = found["per_chip"]
         report["max_global_batch"] = found["global"]
         report["max_batch_limit_reached"] = bool(found["limit_reached"])
+        report["max_batch_search_limit"] = search_limit
     return report
 
 
@@ -100,7 +102,8 @@ def format_report(r: dict) -> str:
         limit = r.get("max_batch_limit_reached")
         lines.append("  largest per-chip train batch that fits: "
                      + (f"at least {r['max_per_chip_batch']} (the search stops at "
-                        f"{SEARCH_LIMIT} images per batch shard)" if limit
+                        f"{r.get('max_batch_search_limit', SEARCH_LIMIT)} images per batch "
+                        "shard)" if limit
                         else str(r["max_per_chip_batch"])))
     if r["attention_impl"] == "pallas":
         lines.append("  (XLA's FLOP count does not see inside the Pallas kernels)")
