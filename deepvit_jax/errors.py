@@ -13,6 +13,7 @@ status of :func:`exit_code`:
       does not fit in the chips' HBM)
 3     the workdir, or an output, is in use by another command (its lock file is named)
 4     an I/O error (disk full, permission denied, storage unreachable)
+5     ``aot``: the TPU compiler (libtpu) failed inside itself on the step (a compiler bug)
 130   interrupted twice (SIGINT / SIGTERM again while saving): nothing more was saved
 ====  ===================================================================================
 
@@ -31,6 +32,7 @@ EXIT_NONFINITE = 1
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
 EXIT_IO = 4
+EXIT_COMPILER = 5
 EXIT_ABORTED = 130
 
 
@@ -115,6 +117,13 @@ class EmptySplitError(InputError):
 class DoesNotFitError(ConfigError):
     """``deepvit_jax.aot``: the compiled step needs more HBM per chip than the topology has;
     the message holds the numbers and the settings that lower them."""
+
+
+class CompilerError(DeepViTError):
+    """``deepvit_jax.aot``: libtpu failed inside itself (an INTERNAL error such as a
+    RET_CHECK) on a step that is a valid program; the message names its first line."""
+
+    exit_code = EXIT_COMPILER
 
 
 class StorageError(DeepViTError):

@@ -229,6 +229,24 @@ def test_not_fitting_is_one_line_with_the_numbers(tmp_path):
     assert rep["train"]["memory"]["total"] > 16 * 2**30
 
 
+
+def test_compiler_failure_is_one_line_with_its_own_exit_status():
+    """libtpu's internal errors (seen: a register-allocator RET_CHECK for DeepViT-L-384 on
+    v6e-8, libtpu 0.0.42.1) are the compiler's, not the config's: a CompilerError (exit 5)
+    whose one line names the failure, not a traceback."""
+    from deepvit_jax.errors import EXIT_COMPILER, CompilerError
+
+    class Lowered:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(
+                "INTERNAL: RET_CHECK failure (live_range_finder.cc:57) interval.start() <= "
+                "limit (56 vs. 50)\n%v99 = vld [vmem:[#allocation9] sm:$0xff]")
+
+    with pytest.raises(CompilerError, match=r"libtpu failed inside its compiler .*RET_CHECK "
+                                            r"failure \(live_range_finder\.cc:57\)") as e:
+        aot.analyse(Lowered(), 16 * 2**30, 1, 8)
+    assert "\n" not in str(e.value) and e.value.exit_code == EXIT_COMPILER == 5
+
 def test_unknown_topology_lists_the_known_ones():
     r = _run_aot("--config", "default", "--topology", "v9-8", timeout=120)
     assert r.returncode == 2

@@ -319,8 +319,12 @@ def test_scan_blocks_is_the_same_model(remat):
         steps = [step(model) for _ in range(2)]
         train_state = nnx.state(model)
         model.eval()
-        runs[scan] = steps, train_state, model(x, return_attention=True)
-    (steps0, st0, (lo0, maps0)), (steps1, st1, (lo1, maps1)) = runs[False], runs[True]
+        first = model(x, return_attention=True, attention_blocks=3)[1]   # runs 0-1, 2 | 3
+        runs[scan] = steps, train_state, model(x, return_attention=True), first
+    (steps0, st0, (lo0, maps0), _), (steps1, st1, (lo1, maps1), first) = runs[False], runs[True]
+    assert len(first) == 3 and len(runs[False][3]) == 3
+    for a, b in zip(maps0[:3], first, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     for (l0, g0), (l1, g1) in zip(steps0, steps1, strict=True):
         np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
         # another compiled program: float32 rounding (measured up to 4e-6)

@@ -294,8 +294,9 @@ def test_bfloat16_training_stays_in_a_band_of_float32():
     assert rel.max() > 1e-5, rel
 
 
-def test_cosine_regulariser_enters_the_loss():
-    md, st, rest, step = _setup(reg=0.1)
+@pytest.mark.parametrize("scan", [False, True])
+def test_cosine_regulariser_enters_the_loss(scan):
+    md, st, rest, step = _setup(reg=0.1, scan_blocks=scan)
     _, m = step(st, rest, _batch())
     np.testing.assert_allclose(float(m["train/loss"]),
                                float(m["train/ce"]) + 0.1 * float(m["train/cosine_reg"]),

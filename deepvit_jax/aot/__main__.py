@@ -25,7 +25,8 @@ whose train step fits (bisection over compiles).
 
 Exit status (``deepvit_jax/errors.py``): 0 compiled and fits; 2 the step does not fit in HBM
 (one line with the numbers; the JSON report is still written), an unknown topology (one line
-listing the known ones), no libtpu (the install command), or any bad config field.
+listing the known ones), no libtpu (the install command), or any bad config field; 5 libtpu
+failed inside its compiler (a compiler bug: one line naming it).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import time
 
 from deepvit_jax import parallel
 from deepvit_jax.aot.programs import Setup, lower_train
-from deepvit_jax.errors import one_line
+from deepvit_jax.errors import CompilerError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,12 @@ def analyse(lowered, capacity: int, devices: int, images: int) -> dict:
         compiled = lowered.compile()
     except Exception as e:  # XLA's out-of-memory at compile time: the numbers, no traceback
         text = str(e)
+        if text.startswith("INTERNAL") or "RET_CHECK failure" in text:
+            raise CompilerError(
+                f"libtpu failed inside its compiler on this step, a compiler bug and not a "
+                f"config error ({one_line(text)[:300]}); try another libtpu release "
+                "(pip install -U libtpu) or a nearby setting (--config.model.scan_blocks, "
+                "--config.batch_size)") from None
         if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             raise
         mem = dict(_oom_numbers(text), capacity=capacity, at_least=True)

@@ -536,26 +536,33 @@ class DeepViT(nnx.Module):
             x = self.norm(x)
         return self.head(x).astype(F32)
 
-    def __call__(self, images, *, return_attention: bool = False):
+    def __call__(self, images, *, return_attention: bool = False,
+                 attention_blocks: int | None = None):
+        """``attention_blocks``: with ``return_attention``, the maps of the first
+        ``attention_blocks`` blocks only (None: every block's). Scanned blocks compute no map
+        they do not return (DeepViT-32's regulariser reads the first 13 of 32)."""
         cfg = self.config
         x = self.embed(images)
+        wanted = cfg.depth if attention_blocks is None else min(attention_blocks, cfg.depth)
+        if not return_attention:
+            wanted = 0
         if cfg.scan_blocks:
-            x, maps = self._scanned(x, return_attention)
+            x, maps = self._scanned(x, wanted)
             logits = self.classify(x)
             return (logits, maps) if return_attention else logits
         maps = []
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            ret = i < wanted
             if cfg.remat:
-                x, attn = nnx.remat(
-                    lambda m, y: m(y, return_attention=return_attention))(blk, x)
+                x, attn = nnx.remat(_block_call(ret))(blk, x)
             else:
-                x, attn = blk(x, return_attention=return_attention)
-            if return_attention:
+                x, attn = blk(x, return_attention=ret)
+            if ret:
                 maps.append(attn)
         logits = self.classify(x)
         return (logits, maps) if return_attention else logits
 
-    def _scanned(self, x, return_attention: bool):
+    def _scanned(self, x, wanted: int):
         """The blocks as one ``jax.lax.scan`` per run of alike blocks (same kind: plain or
         Re-attention). The blocks keep their own parameters (checkpoints, the converter and
         the analysis see one module per block); each run's states are stacked here, the body
@@ -567,7 +574,7 @@ class DeepViT(nnx.Module):
         cfg = self.config
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         maps = []
-        for run in _alike_runs(self.blocks):
+        for run, return_attention in _alike_runs(self.blocks, wanted):
             graphdef, _ = nnx.split(self.blocks[run[0]])
             states = [nnx.state(self.blocks[i]) for i in run]
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
@@ -576,10 +583,10 @@ class DeepViT(nnx.Module):
             keep = (jnp.asarray(np.float32([1.0 - rates[i] for i in run]))
                     if cfg.drop_path_rate else None)
 
-            def body(y, xs, graphdef=graphdef):
+            def body(y, xs, graphdef=graphdef, ret=return_attention):
                 state, k = xs
                 blk = nnx.merge(graphdef, state)
-                y, attn = blk(y, return_attention=return_attention, keep_prob=k)
+                y, attn = blk(y, return_attention=ret, keep_prob=k)
                 return y, (nnx.state(blk), attn)
 
             if cfg.remat:
@@ -596,14 +603,23 @@ class DeepViT(nnx.Module):
         return x, maps
 
 
-def _alike_runs(blocks) -> list[list[int]]:
-    """Consecutive block indices grouped by kind (plain / Re-attention)."""
-    runs: list[list[int]] = []
+def _block_call(return_attention: bool):
+    """``block(x)`` with ``return_attention`` closed over (static for nnx.remat)."""
+    return lambda blk, x: blk(x, return_attention=return_attention)
+
+
+def _alike_runs(blocks, wanted: int) -> list[tuple[list[int], bool]]:
+    """Consecutive block indices grouped by kind (plain / Re-attention) and by whether their
+    map is returned (the first ``wanted`` blocks'): [(indices, return_attention)]."""
+    runs: list[tuple[list[int], bool]] = []
+    kind = None
     for i, blk in enumerate(blocks):
-        if runs and blocks[runs[-1][0]].attn.reattention == blk.attn.reattention:
-            runs[-1].append(i)
+        k = (blk.attn.reattention, i < wanted)
+        if runs and k == kind:
+            runs[-1][0].append(i)
         else:
-            runs.append([i])
+            runs.append(([i], i < wanted))
+            kind = k
     return runs
 
 

@@ -162,7 +162,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
             model = model_def.merge(params, state.batch_stats, rest, train=True)
             nnx.reseed(model, dropout=drop_key)
             if reg_weight:
-                logits, maps = model(images, return_attention=True)
+                logits, maps = model(images, return_attention=True,
+                                     attention_blocks=reg_pairs + 1)
                 reg = cosine_regulariser(maps, reg_pairs)
             else:
                 logits, reg = model(images), jnp.zeros((), jnp.float32)
