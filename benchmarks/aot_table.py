@@ -35,7 +35,7 @@ def recipe(name: str) -> str:
 
 
 def rows() -> list[tuple[str, str, str]]:
-    """(recipe, topology, attention_impl or ''), most informative first: one row per model
+    """(recipe, topology, variant or ''), most informative first: one row per model
     size on v5e (the smallest HBM) and multi-host rows, then the rest."""
     out = [("deepvit_16b", "v5e-8", ""), ("deepvit_16b", "v4-32", ""),
            ("deepvit_l_384", "v5e-8", ""), ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
@@ -43,11 +43,23 @@ def rows() -> list[tuple[str, str, str]]:
     for name in ["deepvit_16b", "deepvit_l_384"]:
         for impl in ["reference", "xla", "pallas"]:
             out.append((name, "v5e-8", impl))
+    for (name, topo), variants in FIT_VARIANTS.items():
+        out += [(name, topo, v) for v in variants]
     for topo in TOPOLOGIES:
         for name in [*I1K, "deepvit_l_384"]:
             if (name, topo, "") not in out:
                 out.append((name, topo, ""))
     return out
+
+
+# A row's variant: the flags it adds to the recipe's own settings. An attention
+# implementation, or a setting that makes a recipe fit where it does not at its own batch.
+VARIANTS = {impl: [f"--config.model.attention_impl={impl}"]
+            for impl in ("reference", "xla", "pallas")}
+VARIANTS["remat"] = ["--config.model.remat=True"]
+VARIANTS["accum2"] = ["--config.batch_size=256", "--config.optim.grad_accum_steps=2"]
+# (recipe, topology) that do not fit at the recipe's batch: the variants tried there
+FIT_VARIANTS = {("deepvit_32b", "v5e-8"): ["remat", "accum2"]}
 
 
 def key(name, topo, impl) -> str:
@@ -59,8 +71,7 @@ def compile_row(name: str, topo: str, impl: str, search: bool = False) -> dict:
         path = os.path.join(d, "r.json")
         cmd = [sys.executable, "-m", "deepvit_jax.aot", "--config", recipe(name),
                "--topology", topo, "--json", path]
-        if impl:
-            cmd.append(f"--config.model.attention_impl={impl}")
+        cmd += VARIANTS.get(impl, [])
         if search:
             cmd.append("--search-batch")
         t = time.perf_counter()
@@ -110,14 +121,24 @@ def _gib(x) -> str:
     return "?" if x is None else f"{x / 2**30:.1f}"
 
 
+def _settings(r: dict) -> str:
+    """The attention implementation, and any setting the row adds to the recipe's."""
+    extra = [f.split("=")[0].removeprefix("--config.") + "=" + f.split("=")[1]
+             for f in r.get("command", "").split()
+             if f.startswith("--config.") and "attention_impl" not in f]
+    return ", ".join([r["attention_impl"], *extra])
+
+
 def markdown(doc: dict) -> str:
-    lines = ["| recipe | topology | attention | global batch (per chip) | fits | train HBM/chip "
+    lines = ["| recipe | topology | attention, settings | global batch (per chip) | fits | train HBM/chip "
              "GiB (args / temp) | eval HBM/chip GiB | largest per-chip batch | GFLOP/image "
              "(train) | compile s (train / eval) | collectives (train) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in doc["rows"].items():
         if "train" not in r:
-            lines.append(f"| {k} | | | | error: {r.get('error', '?')} | | | | | | |")
+            err = r.get("error", "?").replace("|", "/")
+            lines.append(f"| {k} | | | | error (exit {r.get('exit_status')}): "
+                         f"{err[:160]}{'...' if len(err) > 160 else ''} | | | | | | |")
             continue
         t, e = r["train"], r["eval"]
         tm = t["memory"]
@@ -130,7 +151,7 @@ def markdown(doc: dict) -> str:
                 f"{'>= ' if r.get('max_batch_limit_reached') else ''}{r['max_per_chip_batch']}")
         lines.append(
             f"| {r['config']} | {r['topology']} ({r['hosts']} host{'s' if r['hosts'] > 1 else ''})"
-            f" | {r['attention_impl']} | {r['global_batch']} ({r['per_chip_batch']:g}) | "
+            f" | {_settings(r)} | {r['global_batch']} ({r['per_chip_batch']:g}) | "
             f"{'yes' if r['fits'] else '**no**'} | {mem} | {_gib(e['memory']['total'])} | "
             f"{most} | {flops} | {t['compile_s']:.0f} / {e['compile_s']:.0f} | {coll} |")
     return "\n".join(lines)
