@@ -130,9 +130,9 @@ def _settings(r: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
-    lines = ["| recipe | topology | attention, settings | global batch (per chip) | fits | train HBM/chip "
-             "GiB (args / temp) | eval HBM/chip GiB | largest per-chip batch | GFLOP/image "
-             "(train) | compile s (train / eval) | collectives (train) |",
+    lines = ["| recipe | topology | attention, settings | global batch (per chip) | fits | "
+             "train HBM/chip GiB (args / temp) | eval HBM/chip GiB | largest per-chip batch | "
+             "GFLOP/image (train) | compile s (train / eval) | collectives (train) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in doc["rows"].items():
         if "train" not in r:

@@ -566,8 +566,8 @@ class DeepViT(nnx.Module):
         """The blocks as one ``jax.lax.scan`` per run of alike blocks (same kind: plain or
         Re-attention). The blocks keep their own parameters (checkpoints, the converter and
         the analysis see one module per block); each run's states are stacked here, the body
-        is one block merged from its slice, and the updated states (BatchNorm statistics,
-        dropout rng counts) are written back. Hand-written over ``nnx.scan`` because that
+        is one block merged from its slice, and what the call changed (BatchNorm statistics,
+        dropout rng counts) is written back. Hand-written over ``nnx.scan`` because that
         scans modules whose state is stacked where they are built, which would change the
         parameter layout of every checkpoint. The drop-path rates, static per block, enter
         as data (Block.keep_prob)."""
@@ -587,7 +587,9 @@ class DeepViT(nnx.Module):
                 state, k = xs
                 blk = nnx.merge(graphdef, state)
                 y, attn = blk(y, return_attention=ret, keep_prob=k)
-                return y, (nnx.state(blk), attn)
+                # what a block call changes (BatchNorm statistics, rng counts); not the
+                # parameters, which would otherwise be copied out of the loop every step
+                return y, (nnx.state(blk, nnx.Not(nnx.Param)), attn)
 
             if cfg.remat:
                 body = jax.checkpoint(body)
