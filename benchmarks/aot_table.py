@@ -40,11 +40,11 @@ def rows() -> list[tuple[str, str, str]]:
     out = [("deepvit_16b", "v5e-8", ""), ("deepvit_16b", "v4-32", ""),
            ("deepvit_l_384", "v5e-8", ""), ("deepvit_s", "v5e-8", ""), ("deepvit_l", "v4-32", ""),
            ("deepvit_16b", "v4-8", ""), ("deepvit_32b", "v5e-8", "")]
+    for (name, topo), variants in FIT_VARIANTS.items():
+        out += [(name, topo, v) for v in variants]
     for name in ["deepvit_16b", "deepvit_l_384"]:
         for impl in ["reference", "xla", "pallas"]:
             out.append((name, "v5e-8", impl))
-    for (name, topo), variants in FIT_VARIANTS.items():
-        out += [(name, topo, v) for v in variants]
     for topo in TOPOLOGIES:
         for name in [*I1K, "deepvit_l_384"]:
             if (name, topo, "") not in out:

@@ -127,7 +127,10 @@ def _ema_step(state: TrainState, params, stats, opt_state, ema_decay: float, acc
     per accumulated micro-batch); unchanged when the run keeps no EMA."""
     if ema_decay <= 0:
         return state.ema_params, state.ema_batch_stats
-    applied = optax.MultiSteps.has_updated(opt_state) if accum > 1 else jnp.bool_(True)
+    # optax.MultiSteps.has_updated's test, on the state (it is an instance method; the
+    # instance is not at hand here): the accumulated micro-batches were applied this step
+    applied = (jnp.logical_and(opt_state.mini_step == 0, opt_state.gradient_step > 0)
+               if accum > 1 else jnp.bool_(True))
     decay = jnp.where(applied, ema_decay, 1.0)
     return (ema_update(state.ema_params, params, decay),
             ema_update(state.ema_batch_stats, stats, decay))
