@@ -13,7 +13,11 @@ never released). The fine-tuning recipe is not recorded by the release; this use
 the same augmentation / mixup / label smoothing / drop path 0.2 / EMA as pre-training.
 Sized for: 16 GPUs with 80 GB each (A100/H100; 32 images per GPU = global batch 512) with
 per-block rematerialisation (577 tokens make the 12x577x577 attention maps of 32 blocks the
-memory bottleneck), or a TPU v4-32 / v5p-32 slice.
+memory bottleneck), or a TPU v4-32 / v5p-32 slice. Compiled for TPUs without one (README,
+"Will it fit?"; benchmarks/results/aot_tpu.json, libtpu 0.0.42.1): at the full batch it fits
+a v5e-8 (64 images per chip: 14.7 of 16 GiB with the default attention, 10.9 GiB with
+``--config.model.attention_impl=pallas``) and a v5p-8 (23.9 GiB); libtpu 0.0.42.1 fails
+inside its compiler on it for v6e-8.
 """
 
 from ml_collections import config_dict
