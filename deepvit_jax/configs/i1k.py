@@ -25,7 +25,8 @@ batch) or a TPU v4-16 / v5p-16 slice. On fewer devices keep the global batch wit
 one (README, "Will it fit?"; benchmarks/results/aot_tpu.json, libtpu 0.0.42.1), at the full
 batch: every recipe compiled fits a v5e-8 / v6e-8 (64 images per chip) and a v5p-8 / v4-8
 (128) except the 32-block models on v5e-8: ViT-32 needs at least 20.4 GiB per 16-GiB chip
-(its remat / accumulation rows are not compiled yet), DeepViT-32 at least 23.1 GiB and fits with
+(its remat / accumulation rows are not compiled yet), DeepViT-32 at least 23.1 GiB (and at
+least 40.1 GiB per 32-GiB chip on v4-8, 128 images per chip) and fits with
 ``--config.model.remat=True`` (7.6 GiB) or with ``--config.batch_size=256
 --config.optim.grad_accum_steps=2`` (12.1 GiB); libtpu 0.0.42.1 fails inside its compiler on
 DeepViT-32 for v6e-8. Data:
