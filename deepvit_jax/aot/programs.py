@@ -109,8 +109,7 @@ def lower_eval(s: Setup, global_batch: int):
                           _abstract(p.abstract_rest, p.rest_sh), batch).lower()
 
 
-def unrolled_flops(s: Setup, train_batch: int, eval_batch: int,
-                   *, num_classes=None, num_train=None) -> tuple[float, float]:
+def unrolled_flops(s: Setup, train_batch: int, eval_batch: int) -> tuple[float, float]:
     """Global FLOPs of one train and one eval step of ``s.config`` with its blocks unrolled,
     by XLA's cost analysis of the programs lowered (not compiled) for one CPU device.
 
@@ -121,7 +120,7 @@ def unrolled_flops(s: Setup, train_batch: int, eval_batch: int,
     with config.unlocked():
         config.model.scan_blocks = False
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-    one = build(config, jax.devices("cpu")[:1], num_classes=num_classes or s.mcfg.num_classes,
-                num_train=num_train or s.num_train)
+    one = build(config, jax.devices("cpu")[:1], num_classes=s.mcfg.num_classes,
+                num_train=s.num_train)
     return (float(lower_train(one, train_batch).cost_analysis()["flops"]),
             float(lower_eval(one, eval_batch).cost_analysis()["flops"]))

@@ -51,7 +51,7 @@ def compile_report(config, topology_name: str, *, num_slices: int = 1,
     report["fits"] = bool(report["train"]["fits"] and report["eval"]["fits"])
     if s.mcfg.scan_blocks:  # XLA's count of the compiled program sees one block per scan
         log.info("counting the FLOPs of the unrolled steps")
-        flops = unrolled_flops(s, gb, eval_gb, num_classes=num_classes, num_train=num_train)
+        flops = unrolled_flops(s, gb, eval_gb)
         for step, total, images in (("train", flops[0], gb), ("eval", flops[1], eval_gb)):
             if "flops_per_step" in report[step]:
                 report[step].update(flops_per_step=total, flops_per_chip=total / n,

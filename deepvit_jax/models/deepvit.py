@@ -572,7 +572,7 @@ class DeepViT(nnx.Module):
         parameter layout of every checkpoint. The drop-path rates, static per block, enter
         as data (Block.keep_prob)."""
         cfg = self.config
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates = [blk.drop_path.rate for blk in self.blocks]  # as __init__ set them
         maps = []
         for run, return_attention in _alike_runs(self.blocks, wanted):
             graphdef, _ = nnx.split(self.blocks[run[0]])
@@ -596,9 +596,9 @@ class DeepViT(nnx.Module):
             x, (new, attn) = jax.lax.scan(body, x, (stacked, keep))
             for j, i in enumerate(run):
                 blk = self.blocks[i]
-                count = blk.drop_path.rngs.count[...]
+                count = blk.drop_path.rngs.count[...] if rates[i] == 0.0 else None
                 nnx.update(blk, jax.tree.map(lambda a, j=j: a[j], new))
-                if rates[i] == 0.0:  # its mask of ones used no randomness: as unrolled
+                if count is not None:  # its mask of ones used no randomness: as unrolled
                     blk.drop_path.rngs.count[...] = count
                 if return_attention:
                     maps.append(attn[j])
