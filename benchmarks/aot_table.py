@@ -49,24 +49,34 @@ def rows() -> list[tuple[str, str, str]]:
         for name in [*I1K, "deepvit_l_384"]:
             if (name, topo, "") not in out:
                 out.append((name, topo, ""))
-    return out
+    return out + [(name, topo, NEWER_LIBTPU) for name, topo in NEWER_LIBTPU_ROWS]
 
 
 # A row's variant: the flags it adds to the recipe's own settings. An attention
 # implementation, or a setting that makes a recipe fit where it does not at its own batch.
-VARIANTS = {impl: [f"--config.model.attention_impl={impl}"]
-            for impl in ("reference", "xla", "pallas")}
+ATTENTION = ("reference", "xla", "pallas")
+VARIANTS = {impl: [f"--config.model.attention_impl={impl}"] for impl in ATTENTION}
 VARIANTS["remat"] = ["--config.model.remat=True"]
 VARIANTS["accum2"] = ["--config.batch_size=256", "--config.optim.grad_accum_steps=2"]
 # (recipe, topology) that do not fit at the recipe's batch: the variants tried there
-FIT_VARIANTS = {("deepvit_32b", "v5e-8"): ["remat", "accum2"]}
+FIT_VARIANTS = {(name, topo): ["remat", "accum2"]
+                for name, topo in [("deepvit_32b", "v5e-8"), ("deepvit_32b", "v4-8"),
+                                   ("vit_32b", "v5e-8"), ("deepvit_l", "v5e-8")]}
+
+
+# Where libtpu 0.0.42.1 (the one jax 0.10.2's ``tpu`` extra pins) fails inside its own
+# compiler: the same recipe compiled by a newer libtpu, which ``--libtpu-dir DIR`` puts first
+# on the path (``pip install --no-deps --target DIR libtpu==0.0.52``; the variant names it).
+NEWER_LIBTPU = "libtpu-0.0.52"
+NEWER_LIBTPU_ROWS = [("deepvit_32b", "v6e-8"), ("deepvit_l_384", "v6e-8")]
 
 
 def key(name, topo, impl) -> str:
     return f"{name}@{topo}" + (f"/{impl}" if impl else "")
 
 
-def compile_row(name: str, topo: str, impl: str, search: bool = False) -> dict:
+def compile_row(name: str, topo: str, impl: str, search: bool = False,
+                libtpu_dir: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "r.json")
         cmd = [sys.executable, "-m", "deepvit_jax.aot", "--config", recipe(name),
@@ -74,8 +84,15 @@ def compile_row(name: str, topo: str, impl: str, search: bool = False) -> dict:
         cmd += VARIANTS.get(impl, [])
         if search:
             cmd.append("--search-batch")
+        env = dict(os.environ)
+        if impl == NEWER_LIBTPU:
+            if not libtpu_dir:
+                raise SystemExit(f"{key(name, topo, impl)}: needs --libtpu-dir (a directory "
+                                 f"with libtpu {NEWER_LIBTPU.partition('-')[2]} installed)")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu_dir,
+                                                              env.get("PYTHONPATH")]))
         t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
         if os.path.exists(path):
             with open(path) as f:
@@ -102,7 +119,9 @@ def save(doc: dict, row_key: str | None = None, row: dict | None = None) -> dict
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = {**doc, "rows": {**load()["rows"], **doc["rows"]}}
+        # the file's rows win: another instance may have recompiled a row this one read
+        on_file = load()
+        merged = {**on_file, **doc, "rows": {**doc["rows"], **on_file["rows"]}}
         if row_key is not None:
             merged["rows"][row_key] = row
         # the table's order, whoever compiled a row first
@@ -121,24 +140,48 @@ def _gib(x) -> str:
     return "?" if x is None else f"{x / 2**30:.1f}"
 
 
-def _settings(r: dict) -> str:
+def _settings(r: dict, doc_libtpu: str | None = None) -> str:
     """The attention implementation, and any setting the row adds to the recipe's."""
     extra = [f.split("=")[0].removeprefix("--config.") + "=" + f.split("=")[1]
              for f in r.get("command", "").split()
              if f.startswith("--config.") and "attention_impl" not in f]
+    if r.get("libtpu") and r["libtpu"] != doc_libtpu:
+        extra.append(f"libtpu {r['libtpu']}")
     return ", ".join([r["attention_impl"], *extra])
+
+
+def recommended(doc: dict, k: str) -> str:
+    """The per-chip batch we recommend, on a recipe's own row (no variant): the recipe's where
+    it fits (its global batch of 512 and its hyperparameters unchanged); where it does not,
+    that of the fitting variant row with the fewest FLOPs per image (gradient accumulation
+    before rematerialisation, which computes the forward twice), with its settings."""
+    r = doc["rows"][k]
+    if "/" in k:
+        return ""
+    if r.get("fits"):
+        return f"{r['per_chip_batch']:g}"
+    fitting = [v for kv, v in doc["rows"].items()
+               if kv.partition("/")[0] == k and kv.partition("/")[2] not in ATTENTION
+               and v.get("fits") and "flops_per_image" in v.get("train", {})]
+    if not fitting:
+        return "none fits (no variant compiled)" if "train" in r else ""
+    best = min(fitting, key=lambda v: v["train"]["flops_per_image"])
+    extra = _settings(best, doc.get("libtpu")).partition(", ")[2]
+    return f"{best['per_chip_batch']:g} with {extra}"
 
 
 def markdown(doc: dict) -> str:
     lines = ["| recipe | topology | attention, settings | global batch (per chip) | fits | "
              "train HBM/chip GiB (args / temp) | eval HBM/chip GiB | largest per-chip batch | "
-             "GFLOP/image (train) | compile s (train / eval) | collectives (train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "recommended per-chip batch | GFLOP/image (train) | compile s (train / eval) | "
+             "collectives (train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in doc["rows"].items():
         if "train" not in r:
             err = r.get("error", "?").replace("|", "/")
             lines.append(f"| {k} | | | | error (exit {r.get('exit_status')}): "
-                         f"{err[:160]}{'...' if len(err) > 160 else ''} | | | | | | |")
+                         f"{err[:160]}{'...' if len(err) > 160 else ''} | | | | "
+                         f"{recommended(doc, k)} | | | |")
             continue
         t, e = r["train"], r["eval"]
         tm = t["memory"]
@@ -149,11 +192,13 @@ def markdown(doc: dict) -> str:
         flops = f"{t['flops_per_image'] / 1e9:.1f}" if "flops_per_image" in t else "?"
         most = ("not searched" if "max_per_chip_batch" not in r else
                 f"{'>= ' if r.get('max_batch_limit_reached') else ''}{r['max_per_chip_batch']}")
+        hosts = f"{r['hosts']} host{'s' if r['hosts'] > 1 else ''}"
         lines.append(
-            f"| {r['config']} | {r['topology']} ({r['hosts']} host{'s' if r['hosts'] > 1 else ''})"
-            f" | {_settings(r)} | {r['global_batch']} ({r['per_chip_batch']:g}) | "
+            f"| {r['config']} | {r['topology']} ({hosts}) | {_settings(r, doc.get('libtpu'))} | "
+            f"{r['global_batch']} ({r['per_chip_batch']:g}) | "
             f"{'yes' if r['fits'] else '**no**'} | {mem} | {_gib(e['memory']['total'])} | "
-            f"{most} | {flops} | {t['compile_s']:.0f} / {e['compile_s']:.0f} | {coll} |")
+            f"{most} | {recommended(doc, k)} | {flops} | "
+            f"{t['compile_s']:.0f} / {e['compile_s']:.0f} | {coll} |")
     return "\n".join(lines)
 
 
@@ -163,6 +208,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the README table")
     ap.add_argument("--reverse", action="store_true",
                     help="missing rows from the last (a second instance beside a first)")
+    ap.add_argument("--libtpu-dir", help=f"where libtpu {NEWER_LIBTPU.partition('-')[2]} is "
+                    f"installed, for the {NEWER_LIBTPU} rows")
     ap.add_argument("--search", nargs="+", default=[], metavar="ROW",
                     help="(re)compile these rows (e.g. deepvit_16b@v5e-8) with --search-batch "
                          "(the largest per-chip batch that fits; several compiles each)")
@@ -195,7 +242,10 @@ def main() -> None:
         if not search and k in load()["rows"]:  # the other instance has compiled it
             continue
         print(f"{k} ...", flush=True)
-        rep = compile_row(name, topo, impl, search)
+        if impl == NEWER_LIBTPU and not args.libtpu_dir:
+            print(f"{k}: skipped (needs --libtpu-dir)", flush=True)
+            continue
+        rep = compile_row(name, topo, impl, search, args.libtpu_dir)
         print(f"  exit {rep['exit_status']}, {rep['wall_s']} s, fits {rep.get('fits')}",
               flush=True)
         doc = save(doc, k, rep)

@@ -87,6 +87,14 @@ def test_readme_tpu_table_is_the_committed_json():
         flags = [a for a in row["command"].split() if a.startswith("--config.")]
         variant = key.partition("/")[2]
         assert flags == table.VARIANTS.get(variant, []), key
+    # complete: the nine recipes on the four 8-chip slices and the multi-host rows
+    assert {table.key(*r) for r in table.rows()} <= set(doc["rows"])
+    assert {r["hosts"] for r in doc["rows"].values() if "hosts" in r} >= {1, 4}
+    # a recipe that does not fit at its batch names a setting that fits, compiled
+    for key, row in doc["rows"].items():
+        if "/" not in key and row.get("fits") is False:
+            assert table.FIT_VARIANTS.get(tuple(key.split("@"))), key
+            assert " with " in table.recommended(doc, key), key
 
 def test_unknown_recipe_is_named():
     with pytest.raises(ValueError, match=r"configs/i1k\.py:deepvit_99b"):
