@@ -61,7 +61,8 @@ VARIANTS["accum2"] = ["--config.batch_size=256", "--config.optim.grad_accum_step
 # (recipe, topology) that do not fit at the recipe's batch: the variants tried there
 FIT_VARIANTS = {(name, topo): ["remat", "accum2"]
                 for name, topo in [("deepvit_32b", "v5e-8"), ("deepvit_32b", "v4-8"),
-                                   ("vit_32b", "v5e-8"), ("deepvit_l", "v5e-8")]}
+                                   ("vit_32b", "v5e-8"), ("deepvit_l", "v5e-8"),
+                                   ("vit_32b", "v4-8"), ("deepvit_l", "v4-8")]}
 
 
 # Where libtpu 0.0.42.1 (the one jax 0.10.2's ``tpu`` extra pins) fails inside its own
