@@ -100,8 +100,9 @@ def compile_row(name: str, topo: str, impl: str, search: bool = False,
                 rep = json.load(f)
         else:
             rep = {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        prefix = [f"PYTHONPATH={libtpu_dir}"] if impl == NEWER_LIBTPU else []
         rep.update(exit_status=r.returncode, wall_s=round(wall, 1), command=" ".join(
-            ["python -m deepvit_jax.aot", *cmd[3:]]))
+            [*prefix, "python -m deepvit_jax.aot", *cmd[3:]]))
         return rep
 
 

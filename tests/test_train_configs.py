@@ -67,6 +67,27 @@ def test_recipe_table_in_readme_matches_the_configs():
 
 
 
+def _aot_table():
+    spec = importlib.util.spec_from_file_location("aot_table", ROOT / "benchmarks/aot_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+def test_aot_table_instances_keep_each_others_rows(tmp_path, monkeypatch):
+    """Two ``aot_table.py`` instances at once: one that read a row before the other recompiled
+    it (a batch search) keeps the recompiled row when it saves its own, and the versions."""
+    table = _aot_table()
+    monkeypatch.setattr(table, "OUT", str(tmp_path / "aot.json"))
+    first = table.save({"libtpu": "0.0.42.1", "rows": {"a@v5e-8": {"fits": True}}})
+    second = table.save(dict(first), "a@v5e-8", {"fits": True, "max_per_chip_batch": 96})
+    assert second["rows"]["a@v5e-8"]["max_per_chip_batch"] == 96
+    merged = table.save({"rows": dict(first["rows"])}, "b@v5e-8", {"fits": False})
+    assert merged["rows"]["a@v5e-8"] == {"fits": True, "max_per_chip_batch": 96}
+    assert table.load() == merged and merged["libtpu"] == "0.0.42.1"
+    assert merged["rows"]["b@v5e-8"] == {"fits": False}
+
+
 def test_readme_tpu_table_is_the_committed_json():
     """The README's TPU table is ``benchmarks/aot_table.py --markdown`` of the committed
     ``benchmarks/results/aot_tpu.json``, and every row of it was compiled with the recipe's
@@ -74,9 +95,7 @@ def test_readme_tpu_table_is_the_committed_json():
     setting that makes the recipe fit), which the table shows."""
     import json
 
-    spec = importlib.util.spec_from_file_location("aot_table", ROOT / "benchmarks/aot_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _aot_table()
     doc = json.loads((ROOT / "benchmarks/results/aot_tpu.json").read_text())
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- aot-table -->")[1].split("<!-- /aot-table -->")[0]
