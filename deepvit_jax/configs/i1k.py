@@ -23,13 +23,13 @@ Sized for: 16 GPUs with >= 40 GB each (A100/H100; 32 images per GPU, the officia
 batch) or a TPU v4-16 / v5p-16 slice. On fewer devices keep the global batch with
 ``--config.optim.grad_accum_steps=K --config.batch_size=512/K``. Compiled for TPUs without
 one (README, "Will it fit?"; benchmarks/results/aot_tpu.json, libtpu 0.0.42.1), at the full
-batch: every recipe compiled fits a v5e-8 / v6e-8 (64 images per chip) and a v5p-8 / v4-8
-(128) except the 32-block models on v5e-8: ViT-32 needs at least 20.4 GiB per 16-GiB chip
-(its remat / accumulation rows are not compiled yet), DeepViT-32 at least 23.1 GiB (and at
-least 40.1 GiB per 32-GiB chip on v4-8, 128 images per chip) and fits with
-``--config.model.remat=True`` (7.6 GiB) or with ``--config.batch_size=256
---config.optim.grad_accum_steps=2`` (12.1 GiB); libtpu 0.0.42.1 fails inside its compiler on
-DeepViT-32 for v6e-8. Data:
+batch: every recipe fits a v5p-8 (128 images per chip) and a v6e-8 (64 per chip; DeepViT-32
+there compiles with libtpu 0.0.52, 23.4 of 32 GiB, while 0.0.42.1 fails inside its
+compiler); on a v5e-8 (64 per 16-GiB chip) and a v4-8 (128 per 32-GiB chip) all but
+DeepViT-32, ViT-32 and DeepViT-L, which fit there with ``--config.batch_size=256
+--config.optim.grad_accum_steps=2`` (recommended: the same FLOPs per image; DeepViT-32
+12.1 GiB per v5e chip) or with ``--config.model.remat=True`` (the least memory, DeepViT-32
+7.6 GiB, but the forward computed twice: 23-25% more FLOPs per image). Data:
 ``python -m deepvit_jax.data prepare imagenet2012 --manual-dir DIR --data-dir TFDS_DIR``
 then ``--config.data.data_dir=TFDS_DIR``.
 """
