@@ -68,7 +68,8 @@ FIT_VARIANTS = {(name, topo): ["remat", "accum2"]
 # Where libtpu 0.0.42.1 (the one jax 0.10.2's ``tpu`` extra pins) fails inside its own
 # compiler: the same recipe compiled by a newer libtpu, which ``--libtpu-dir DIR`` puts first
 # on the path (``pip install --no-deps --target DIR libtpu==0.0.52``; the variant names it).
-NEWER_LIBTPU = "libtpu-0.0.52"
+NEWER_LIBTPU_VERSION = "0.0.52"
+NEWER_LIBTPU = f"libtpu-{NEWER_LIBTPU_VERSION}"
 NEWER_LIBTPU_ROWS = [("deepvit_32b", "v6e-8"), ("deepvit_l_384", "v6e-8")]
 
 
@@ -85,13 +86,11 @@ def compile_row(name: str, topo: str, impl: str, search: bool = False,
         cmd += VARIANTS.get(impl, [])
         if search:
             cmd.append("--search-batch")
-        env = dict(os.environ)
-        if impl == NEWER_LIBTPU:
-            if not libtpu_dir:
-                raise SystemExit(f"{key(name, topo, impl)}: needs --libtpu-dir (a directory "
-                                 f"with libtpu {NEWER_LIBTPU.partition('-')[2]} installed)")
+        env, prefix = dict(os.environ), []
+        if impl == NEWER_LIBTPU:  # main() compiles these rows only with --libtpu-dir
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu_dir,
                                                               env.get("PYTHONPATH")]))
+            prefix = [f"PYTHONPATH={libtpu_dir}"]
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
@@ -100,7 +99,6 @@ def compile_row(name: str, topo: str, impl: str, search: bool = False,
                 rep = json.load(f)
         else:
             rep = {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-        prefix = [f"PYTHONPATH={libtpu_dir}"] if impl == NEWER_LIBTPU else []
         rep.update(exit_status=r.returncode, wall_s=round(wall, 1), command=" ".join(
             [*prefix, "python -m deepvit_jax.aot", *cmd[3:]]))
         return rep
@@ -210,8 +208,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the README table")
     ap.add_argument("--reverse", action="store_true",
                     help="missing rows from the last (a second instance beside a first)")
-    ap.add_argument("--libtpu-dir", help=f"where libtpu {NEWER_LIBTPU.partition('-')[2]} is "
-                    f"installed, for the {NEWER_LIBTPU} rows")
+    ap.add_argument("--libtpu-dir", help=f"where libtpu {NEWER_LIBTPU_VERSION} is installed, "
+                    f"for the {NEWER_LIBTPU} rows")
     ap.add_argument("--search", nargs="+", default=[], metavar="ROW",
                     help="(re)compile these rows (e.g. deepvit_16b@v5e-8) with --search-batch "
                          "(the largest per-chip batch that fits; several compiles each)")
@@ -243,10 +241,10 @@ def main() -> None:
         k = key(name, topo, impl)
         if not search and k in load()["rows"]:  # the other instance has compiled it
             continue
-        print(f"{k} ...", flush=True)
         if impl == NEWER_LIBTPU and not args.libtpu_dir:
             print(f"{k}: skipped (needs --libtpu-dir)", flush=True)
             continue
+        print(f"{k} ...", flush=True)
         rep = compile_row(name, topo, impl, search, args.libtpu_dir)
         print(f"  exit {rep['exit_status']}, {rep['wall_s']} s, fits {rep.get('fits')}",
               flush=True)

@@ -144,7 +144,6 @@ def test_train_step_ema_covers_params_and_batch_stats():
     assert int(st1.step) == 1 and np.isfinite(float(m["train/loss"]))
 
 
-
 def test_ema_moves_once_per_accumulated_update():
     """Gradient accumulation (2 micro-batches) with an EMA, as an ImageNet recipe on fewer
     devices runs it: after the first micro-batch the parameters and the EMA stay; after the
@@ -164,6 +163,7 @@ def test_ema_moves_once_per_accumulated_update():
         for e, o, n in zip(jax.tree.leaves(ema), jax.tree.leaves(old), jax.tree.leaves(new),
                            strict=True):
             np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5, atol=1e-7)
+
 
 # Scale-sensitive AdamW: an eps comparable to the gradients (Adam is otherwise nearly
 # invariant to a constant gradient scale) and a clipping norm between the mean gradient's

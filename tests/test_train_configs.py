@@ -115,6 +115,7 @@ def test_readme_tpu_table_is_the_committed_json():
             assert table.FIT_VARIANTS.get(tuple(key.split("@"))), key
             assert " with " in table.recommended(doc, key), key
 
+
 def test_unknown_recipe_is_named():
     with pytest.raises(ValueError, match=r"configs/i1k\.py:deepvit_99b"):
         _load("i1k").get_config("deepvit_99b")
